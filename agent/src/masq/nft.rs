@@ -1,0 +1,194 @@
+//! nftables: one table `ip flannel-ipv4` (the name flannel's nftables mode uses, so a node
+//! migrating from flanneld keeps a single table) with chain `postrtg` (nat postrouting,
+//! masquerade) and chain `forward` (filter forward, accept the pod network).
+//!
+//! Every write replaces the whole table in one `nft -f -` transaction, so there is never a
+//! moment with half the rules. `ensure` lists the table (one `nft` run) and writes only when
+//! the spec changed or the listing differs from the one read right after the last write.
+
+use anyhow::{Context, Result};
+use tracing::info;
+
+use super::{run, run_ok, Firewall, MasqSpec};
+
+pub const NAME: &str = "nftables";
+/// Family and name of weft's (and flannel's) table.
+pub const TABLE: &str = "ip flannel-ipv4";
+
+#[derive(Debug, Default)]
+pub struct Nftables {
+    /// The spec last written and the table listing read right after (None: no table).
+    applied: Option<(MasqSpec, Option<String>)>,
+}
+
+impl Nftables {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `ensure`, returning whether it had to write.
+    pub fn ensure_changed(&mut self, spec: &MasqSpec) -> Result<bool> {
+        let current = list_table()?;
+        if let Some((applied_spec, listing)) = &self.applied {
+            if applied_spec == spec && *listing == current {
+                return Ok(false);
+            }
+        }
+        if self.applied.is_some() {
+            info!("nftables table {TABLE} differs from what weft wrote; re-creating it");
+        }
+        write(render(spec).as_deref(), current.is_some())?;
+        self.applied = Some((spec.clone(), list_table()?));
+        Ok(true)
+    }
+}
+
+impl Firewall for Nftables {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn ensure(&mut self, spec: &MasqSpec) -> Result<()> {
+        self.ensure_changed(spec).map(drop)
+    }
+
+    fn remove(&mut self) -> Result<()> {
+        self.applied = None;
+        write(None, true)
+    }
+}
+
+/// `Ok("nft 1.0.6")` when nftables can be used here, else why not.
+pub fn probe() -> Result<String, String> {
+    let version = run_ok("nft", &["--version"], None).map_err(|e| format!("{e:#}"))?;
+    // "nftables v1.0.6 (Lester Gooch #5)"
+    let number = version
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .trim_start_matches('v');
+    run_ok("nft", &["list", "tables"], None).map_err(|e| format!("nftables is unusable: {e:#}"))?;
+    Ok(format!("nft {number}"))
+}
+
+/// The table for `spec` in nft's syntax, or None when no rule is wanted.
+pub fn render(spec: &MasqSpec) -> Option<String> {
+    if !spec.masquerade && !spec.forward_accept {
+        return None;
+    }
+    let (n, p) = (spec.network, spec.lease);
+    let mut out = format!("table {TABLE} {{\n\tcomment \"rules for flannel-ipv4\"\n");
+    if spec.masquerade {
+        let masquerade = if spec.random_fully {
+            "masquerade fully-random"
+        } else {
+            "masquerade"
+        };
+        out += &format!(
+            "\tchain postrtg {{\n\
+             \t\tcomment \"chain to manage traffic masquerading by flannel\"\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tmeta mark & 0x00004000 == 0x00004000 return\n\
+             \t\tip saddr {p} ip daddr {n} return\n\
+             \t\tip saddr {n} ip daddr {p} return\n\
+             \t\tip saddr != {n} ip daddr {p} return\n\
+             \t\tip saddr {n} ip daddr != 224.0.0.0/4 {masquerade}\n\
+             \t\tip saddr != {n} ip daddr {n} {masquerade}\n\
+             \t}}\n"
+        );
+    }
+    if spec.forward_accept {
+        out += &format!(
+            "\tchain forward {{\n\
+             \t\tcomment \"chain to accept flannel traffic\"\n\
+             \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tip saddr {n} accept\n\
+             \t\tip daddr {n} accept\n\
+             \t}}\n"
+        );
+    }
+    out.push_str("}\n");
+    Some(out)
+}
+
+/// Replaces the table by `table` (None: deletes it) in one transaction. Declaring the table
+/// before deleting it makes the delete succeed whether or not it existed.
+fn write(table: Option<&str>, exists: bool) -> Result<()> {
+    if table.is_none() && !exists {
+        return Ok(());
+    }
+    let script = format!(
+        "table {TABLE}\ndelete table {TABLE}\n{}",
+        table.unwrap_or("")
+    );
+    run_ok("nft", &["-f", "-"], Some(&script))
+        .with_context(|| format!("writing nftables table {TABLE}"))?;
+    Ok(())
+}
+
+/// `nft list table ip flannel-ipv4`, or None when the table does not exist.
+fn list_table() -> Result<Option<String>> {
+    let (family, name) = TABLE.split_once(' ').expect("TABLE is '<family> <name>'");
+    let out = run("nft", &["list", "table", family, name], None)?;
+    if out.status.success() {
+        return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("No such file or directory") {
+        return Ok(None);
+    }
+    anyhow::bail!(
+        "`nft list table {TABLE}` failed ({}): {}",
+        out.status,
+        stderr.trim()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> MasqSpec {
+        MasqSpec {
+            network: "10.244.0.0/16".parse().unwrap(),
+            lease: "10.244.1.0/24".parse().unwrap(),
+            masquerade: true,
+            random_fully: true,
+            forward_accept: true,
+        }
+    }
+
+    #[test]
+    fn render_follows_the_spec() {
+        let full = render(&spec()).unwrap();
+        assert!(
+            full.contains("ip saddr != 10.244.0.0/16 ip daddr 10.244.1.0/24 return"),
+            "{full}"
+        );
+        assert!(full.contains("masquerade fully-random"), "{full}");
+        assert!(full.contains("chain forward"), "{full}");
+        let plain = render(&MasqSpec {
+            random_fully: false,
+            ..spec()
+        })
+        .unwrap();
+        assert!(
+            !plain.contains("fully-random") && plain.contains(" masquerade\n"),
+            "{plain}"
+        );
+        let forward_only = render(&MasqSpec {
+            masquerade: false,
+            ..spec()
+        })
+        .unwrap();
+        assert!(!forward_only.contains("postrtg") && forward_only.contains("chain forward"));
+        assert_eq!(
+            render(&MasqSpec {
+                masquerade: false,
+                forward_accept: false,
+                ..spec()
+            }),
+            None
+        );
+    }
+}
