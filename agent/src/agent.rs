@@ -1,0 +1,180 @@
+//! The agent's main loop: config → interface → lease → dataplane → subnet.env → watch.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ipnetwork::Ipv4Network;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tracing::{error, info, info_span, warn, Instrument};
+
+use crate::backend::{self, Backend};
+use crate::config::{AgentArgs, NetConf};
+use crate::iface::{self, IfaceSelection};
+use crate::lease::{subnet_key, Lease, LeaseEvent, LeaseWatchEvent};
+use crate::masq::{self, Firewall, MasqSpec};
+use crate::subnet::etcd::{EtcdOptions, EtcdSubnetManager};
+use crate::subnet::SubnetManager;
+use crate::subnet_env::SubnetEnv;
+
+/// Runs `weft agent` until a signal or a fatal error.
+pub async fn run(args: AgentArgs) -> Result<()> {
+    if args.kube_subnet_mgr {
+        bail!("--kube-subnet-mgr is not available in this build of weft yet: use the etcd subnet manager (--etcd-endpoints, --etcd-prefix)");
+    }
+    let subnets = EtcdSubnetManager::connect(etcd_options(&args)).await?;
+    let conf = subnets.network_config().await?;
+    for w in &conf.warnings {
+        warn!("{w}");
+    }
+    info!(network = %conf.network, backend = conf.backend.type_name(), "network config");
+
+    let (connection, handle, _) =
+        rtnetlink::new_connection().context("opening a netlink socket")?;
+    tokio::spawn(connection);
+    let ext = iface::select_ext_iface(&handle, &iface_selection(&args)).await?;
+    info!(iface = %ext.name, addr = %ext.addr, public_ip = %ext.public_ip, mtu = ext.mtu, "using interface");
+
+    let mut dataplane = backend::kernel_backend(&conf, &ext, handle.clone());
+    let previous = subnets.previous_lease(ext.public_ip).await?;
+    let attrs = dataplane.register(previous.as_ref()).await?;
+    let own = subnets.acquire_lease(&attrs).await?;
+    info!(subnet = %own.subnet, "acquired lease");
+    dataplane.configure(&own).await?;
+
+    let (mut firewall, why) = masq::select_firewall(args.firewall, conf.enable_nftables)?;
+    info!("firewall: {why}");
+    // Rules an earlier run (or flanneld) left in the other firewall would double ours.
+    if let Err(e) = masq::remove_leftovers(firewall.name()) {
+        warn!("removing leftover rules of the other firewall failed: {e:#}");
+    }
+    let spec = masq_spec(&args, &conf, own.subnet);
+    firewall
+        .ensure(&spec)
+        .with_context(|| format!("installing {} rules", firewall.name()))?;
+
+    SubnetEnv {
+        network: conf.network,
+        subnet: own.subnet,
+        mtu: dataplane.pod_mtu(),
+        ipmasq: args.ip_masq,
+    }
+    .write(&args.subnet_file)?;
+    info!(path = %args.subnet_file.display(), "wrote subnet.env; ready");
+
+    let (tx, rx) = mpsc::channel(1024);
+    let watch = {
+        let own = own.clone();
+        tokio::spawn(async move { subnets.watch_leases(own, tx).await })
+    };
+    let result = event_loop(&args, dataplane.as_mut(), firewall.as_mut(), &spec, rx).await;
+    watch.abort();
+    result
+}
+
+/// Applies lease events as they come and repairs drift on timers, until a signal.
+async fn event_loop(
+    args: &AgentArgs,
+    dataplane: &mut dyn Backend,
+    firewall: &mut dyn Firewall,
+    spec: &MasqSpec,
+    mut rx: mpsc::Receiver<LeaseWatchEvent>,
+) -> Result<()> {
+    let mut leases: BTreeMap<Ipv4Network, Lease> = BTreeMap::new();
+    let mut resync = tokio::time::interval(Duration::from_secs(args.resync_interval.max(1)));
+    let mut firewall_resync =
+        tokio::time::interval(Duration::from_secs(args.iptables_resync.max(1)));
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            event = rx.recv() => match event {
+                None => bail!("the lease watch stopped; exiting so that the agent is restarted"),
+                Some(LeaseWatchEvent::OwnLeaseRevoked) => {
+                    bail!("Lease has been revoked: this node's lease was deleted from the subnet store; restart weft to acquire a new one")
+                }
+                Some(LeaseWatchEvent::Snapshot(all)) => {
+                    info!(leases = all.len(), "lease table (re)listed");
+                    leases = all.into_iter().map(|l| (l.subnet, l)).collect();
+                    resync_dataplane(dataplane, &leases).await;
+                }
+                Some(LeaseWatchEvent::Event(event)) => {
+                    let subnet = match &event {
+                        LeaseEvent::Added(l) => { leases.insert(l.subnet, l.clone()); l.subnet }
+                        LeaseEvent::Removed(s) => { leases.remove(s); *s }
+                    };
+                    let started = Instant::now();
+                    let span = info_span!("lease", subnet = %subnet_key(&subnet));
+                    match dataplane.apply(&event).instrument(span.clone()).await {
+                        Ok(()) => span.in_scope(|| info!(event = kind(&event), took_us = started.elapsed().as_micros() as u64, "applied")),
+                        Err(e) => span.in_scope(|| error!("applying lease event failed (the next resync retries): {e:#}")),
+                    }
+                }
+            },
+            _ = resync.tick() => resync_dataplane(dataplane, &leases).await,
+            _ = firewall_resync.tick() => {
+                if let Err(e) = firewall.ensure(spec) {
+                    error!("repairing {} rules failed: {e:#}", firewall.name());
+                }
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    // Leave the dataplane in place: pods keep their connectivity while weft restarts.
+    info!("stopping; the dataplane stays in place");
+    Ok(())
+}
+
+async fn resync_dataplane(dataplane: &mut dyn Backend, leases: &BTreeMap<Ipv4Network, Lease>) {
+    let all: Vec<Lease> = leases.values().cloned().collect();
+    if let Err(e) = dataplane.resync(&all).await {
+        error!("resync failed (retrying at the next interval): {e:#}");
+    }
+}
+
+fn kind(event: &LeaseEvent) -> &'static str {
+    match event {
+        LeaseEvent::Added(_) => "added",
+        LeaseEvent::Removed(_) => "removed",
+    }
+}
+
+fn masq_spec(args: &AgentArgs, conf: &NetConf, lease: Ipv4Network) -> MasqSpec {
+    MasqSpec {
+        network: conf.network,
+        lease,
+        masquerade: args.ip_masq,
+        random_fully: !args.ip_masq_fully_random_disable,
+        forward_accept: args.iptables_forward_rules,
+    }
+}
+
+fn iface_selection(args: &AgentArgs) -> IfaceSelection {
+    IfaceSelection {
+        iface: args.iface.clone(),
+        iface_regex: args.iface_regex.clone(),
+        iface_can_reach: args.iface_can_reach,
+        public_ip: args.public_ip,
+    }
+}
+
+fn etcd_options(args: &AgentArgs) -> EtcdOptions {
+    EtcdOptions {
+        endpoints: args
+            .etcd_endpoints
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        prefix: args.etcd_prefix.trim_end_matches('/').to_string(),
+        keyfile: args.etcd_keyfile.clone(),
+        certfile: args.etcd_certfile.clone(),
+        cafile: args.etcd_cafile.clone(),
+        username: args.etcd_username.clone(),
+        password: args.etcd_password.clone(),
+        subnet_file: args.subnet_file.clone(),
+        renew_margin: Duration::from_secs(args.subnet_lease_renew_margin * 60),
+    }
+}

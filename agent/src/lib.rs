@@ -1,0 +1,11 @@
+//! weft: a flannel-compatible overlay network agent.
+
+pub mod agent;
+pub mod backend;
+pub mod cni;
+pub mod config;
+pub mod iface;
+pub mod lease;
+pub mod masq;
+pub mod subnet;
+pub mod subnet_env;
