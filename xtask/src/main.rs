@@ -1,0 +1,101 @@
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
+//!
+//! The alias in `.cargo/config.toml` runs this binary with rustup's cargo; the
+//! eBPF build switches to Debian's cargo/rustc (see [`ebpf`]).
+
+mod demo;
+mod ebpf;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "weft project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the apt packages and bpf-linker the build and the tests need
+    /// (idempotent: only what is missing).
+    Setup,
+    /// Build the eBPF programs (release profile) and copy the object to
+    /// target/bpf/weft.bpf.o.
+    BuildEbpf,
+    /// setup, build-ebpf, build every binary, run every test.
+    Test,
+    /// setup, build-ebpf, build every binary, run the lab demo.
+    Demo {
+        /// Arguments passed on to the demo binary.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => ebpf::build().map(drop),
+        Task::Test => test(),
+        Task::Demo { args } => demo::run(&args),
+    }
+}
+
+fn test() -> Result<()> {
+    setup::run()?;
+    ebpf::build()?;
+    execute(cargo().args(["build", "--workspace", "--bins"]))?;
+    // Network tests each build a small namespace lab; two at a time fits 2 cores.
+    execute(
+        cargo()
+            .args(["test", "--workspace"])
+            .env("RUST_TEST_THREADS", "2"),
+    )
+}
+
+/// The root of the cargo workspace (the parent of xtask/).
+pub(crate) fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+}
+
+/// The target directory of the root workspace (also holds the eBPF build).
+pub(crate) fn target_dir() -> PathBuf {
+    workspace_root().join("target")
+}
+
+/// The cargo that runs this xtask (rustup's), for the userspace workspace.
+pub(crate) fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+/// Runs `command`, echoing it first; fails if it does not exit with 0.
+pub(crate) fn execute(command: &mut Command) -> Result<()> {
+    println!("xtask: running {}", describe(command));
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {}", describe(command)))?;
+    if !status.success() {
+        bail!("{} failed: {status}", describe(command));
+    }
+    Ok(())
+}
+
+fn describe(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|part| part.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
