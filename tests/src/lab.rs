@@ -1,0 +1,1100 @@
+//! The lab: a fabric namespace (the underlay switch, etcd, an external host), node
+//! namespaces each running a `weft agent`, and pod namespaces attached by the CNI plugin.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+use crate::etcd::{Etcd, ETCD_ENDPOINT};
+use crate::exec::{ip, run, run_in, wait_until, Cmd};
+use crate::icmp;
+use crate::netns::{self, HOST_LOCAL_STATE, TEMP_DIR_PREFIX};
+use crate::process::{tail, Capture, NetnsProcess};
+
+/// etcd prefix of the network config and leases (flannel's default).
+pub const ETCD_PREFIX: &str = "/coreos.com/network";
+/// The fabric bridge: default gateway of every node, where etcd listens.
+pub const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+/// A host outside the cluster, held by the fabric namespace.
+pub const EXTERNAL_HOST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// The bridge that joins the nodes, in the fabric namespace.
+pub const FABRIC_BRIDGE: &str = "br0";
+/// Standard plugins the flannel CNI plugin delegates to.
+const STANDARD_CNI_PLUGINS: [&str; 4] = ["bridge", "host-local", "loopback", "portmap"];
+const STANDARD_CNI_DIR: &str = "/usr/lib/cni";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Vxlan,
+    HostGw,
+}
+
+impl Backend {
+    /// The `Type` of net-conf.json's `Backend`.
+    pub fn type_name(self) -> &'static str {
+        match self {
+            Backend::Vxlan => "vxlan",
+            Backend::HostGw => "host-gw",
+        }
+    }
+
+    /// MTU of a pod's eth0 on a 1500-byte underlay (VXLAN takes 50 bytes).
+    pub fn pod_mtu(self) -> u32 {
+        match self {
+            Backend::Vxlan => 1450,
+            Backend::HostGw => 1500,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    /// Nodes created at start (numbered from 1; node i has 198.18.0.(10+i)).
+    pub nodes: usize,
+    pub backend: Backend,
+    /// Pass `--ip-masq` to the agents.
+    pub ip_masq: bool,
+    /// `Network` of net-conf.json.
+    pub network: String,
+    /// Start an agent on every node and wait until each is ready.
+    pub start_agents: bool,
+    /// More flags for every `weft agent`.
+    pub extra_agent_args: Vec<String>,
+}
+
+impl Default for LabConfig {
+    fn default() -> Self {
+        LabConfig {
+            nodes: 3,
+            backend: Backend::Vxlan,
+            ip_masq: false,
+            network: "10.244.0.0/16".to_string(),
+            start_agents: true,
+            extra_agent_args: Vec::new(),
+        }
+    }
+}
+
+impl LabConfig {
+    /// The network config as stored at `<prefix>/config`.
+    pub fn net_conf(&self) -> String {
+        json!({"Network": self.network, "Backend": {"Type": self.backend.type_name()}}).to_string()
+    }
+}
+
+/// A node: a namespace whose eth0 is plugged into the fabric bridge.
+#[derive(Debug)]
+pub struct Node {
+    pub index: usize,
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    /// Per-node files: subnet.env, agent log, CNI data.
+    pub dir: PathBuf,
+    pub subnet_file: PathBuf,
+    /// Name of the node's underlay port in the fabric namespace.
+    pub fabric_port: String,
+    /// CNI network name (host-local keeps its state under this name).
+    pub cni_network: String,
+    agent: Option<NetnsProcess>,
+    agent_log: PathBuf,
+    pod_count: usize,
+}
+
+/// A pod: a namespace with eth0 attached to its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    /// Short name, e.g. `n2p1` (second node, first pod).
+    pub name: String,
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    pub node: usize,
+}
+
+/// A subnet lease as stored in etcd by flanneld or weft.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    pub key: String,
+    /// Network address of the subnet (e.g. 10.244.3.0).
+    pub subnet: Ipv4Addr,
+    pub prefix_len: u8,
+    pub public_ip: Ipv4Addr,
+    pub backend_type: String,
+    pub vtep_mac: Option<String>,
+    pub value: Value,
+}
+
+impl Lease {
+    /// e.g. `10.244.3.0/24`.
+    pub fn cidr(&self) -> String {
+        format!("{}/{}", self.subnet, self.prefix_len)
+    }
+}
+
+/// Identity of a file version: a rewrite (new inode or new mtime) changes it.
+pub type FileStamp = (u64, i64, i64);
+
+fn file_stamp(path: &Path) -> Option<FileStamp> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.mtime(), m.mtime_nsec()))
+}
+
+/// Where the weft binaries are: `$WEFT_BIN_DIR`, else the cargo profile directory this
+/// program was built into (so `cargo test` and `cargo run` find their siblings).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("WEFT_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf));
+    match exe_dir {
+        Some(dir) if dir.ends_with("deps") => dir.parent().map(Path::to_path_buf).unwrap_or(dir),
+        Some(dir) => dir,
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"),
+    }
+}
+
+pub struct Lab {
+    prefix: String,
+    config: LabConfig,
+    bin_dir: PathBuf,
+    cni_bin_dir: PathBuf,
+    fabric: String,
+    etcd: Option<Etcd>,
+    nodes: Vec<Node>,
+    pods: Vec<Pod>,
+    /// Every namespace this lab created, in creation order.
+    namespaces: Vec<String>,
+    // Last field: removed after the teardown in Drop, which reads logs from it.
+    dir: TempDir,
+}
+
+impl Lab {
+    /// Builds the fabric and etcd, stores the network config, creates `config.nodes`
+    /// nodes and (if `config.start_agents`) starts an agent on each and waits until all
+    /// are ready. Everything is removed when the Lab is dropped, also on error or panic.
+    /// Use a Lab from the thread that started it: its processes die with that thread.
+    pub fn start(config: LabConfig) -> Result<Lab> {
+        let prefix = netns::unique_prefix();
+        let temp_base = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        netns::sweep_leftovers(&prefix, &temp_base);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{TEMP_DIR_PREFIX}{prefix}"))
+            .tempdir_in(&temp_base)
+            .context("cannot create the lab's temporary directory")?;
+        let bin_dir = bin_dir();
+        let cni_bin_dir = dir.path().join("cni-bin");
+        let mut lab = Lab {
+            fabric: format!("{prefix}fab"),
+            prefix,
+            config,
+            bin_dir,
+            cni_bin_dir,
+            etcd: None,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            namespaces: Vec::new(),
+            dir,
+        };
+        if lab.config.start_agents {
+            lab.binary("weft")?;
+        }
+        lab.create_fabric()?;
+        let etcd_dir = lab.dir.path().join("etcd");
+        let etcd_log = lab.dir.path().join("etcd.log");
+        lab.etcd = Some(Etcd::start(&lab.fabric, &etcd_dir, &etcd_log)?);
+        let net_conf = lab.config.net_conf();
+        lab.etcdctl(&["put", &format!("{ETCD_PREFIX}/config"), &net_conf])?;
+        lab.install_cni_plugins()?;
+        for _ in 0..lab.config.nodes {
+            lab.add_node()?;
+        }
+        if lab.config.start_agents {
+            let spawned: Vec<(usize, Option<FileStamp>)> = (1..=lab.nodes.len())
+                .map(|i| Ok((i, lab.spawn_agent(i)?.1)))
+                .collect::<Result<_>>()?;
+            for (i, before) in spawned {
+                lab.wait_agent_ready(i, before)?;
+            }
+        }
+        Ok(lab)
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn config(&self) -> &LabConfig {
+        &self.config
+    }
+
+    pub fn fabric_ns(&self) -> &str {
+        &self.fabric
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Path of a weft binary, with the fix in the error if it is missing.
+    pub fn binary(&self, name: &str) -> Result<PathBuf> {
+        let path = self.bin_dir.join(name);
+        if !path.is_file() {
+            bail!(
+                "{name} binary not found at {}: build it with `cargo build -p weft --bins` \
+                 or point WEFT_BIN_DIR at the directory that holds it",
+                path.display()
+            );
+        }
+        Ok(path)
+    }
+
+    /// Creates namespace `<prefix><suffix>` with its loopback up; it is deleted with the lab.
+    pub fn create_ns(&mut self, suffix: &str) -> Result<String> {
+        let name = format!("{}{suffix}", self.prefix);
+        if self.namespaces.contains(&name) {
+            bail!("namespace {name} already exists in this lab");
+        }
+        // Recorded before creation, so a half-made namespace is deleted too.
+        self.namespaces.push(name.clone());
+        netns::add(&name)?;
+        ip(&name, "link set lo up")?;
+        Ok(name)
+    }
+
+    fn create_fabric(&mut self) -> Result<()> {
+        let fab = self.create_ns("fab")?;
+        ip(&fab, &format!("addr add {EXTERNAL_HOST}/32 dev lo"))?;
+        ip(&fab, &format!("link add {FABRIC_BRIDGE} type bridge"))?;
+        ip(
+            &fab,
+            &format!("addr add {FABRIC_IP}/24 dev {FABRIC_BRIDGE}"),
+        )?;
+        ip(&fab, &format!("link set {FABRIC_BRIDGE} up"))?;
+        Ok(())
+    }
+
+    /// A per-lab CNI bin dir: weft-cni installed as `flannel` next to the standard plugins.
+    fn install_cni_plugins(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.cni_bin_dir)?;
+        for plugin in STANDARD_CNI_PLUGINS {
+            std::os::unix::fs::symlink(
+                Path::new(STANDARD_CNI_DIR).join(plugin),
+                self.cni_bin_dir.join(plugin),
+            )?;
+        }
+        std::os::unix::fs::symlink(
+            self.bin_dir.join("weft-cni"),
+            self.cni_bin_dir.join("flannel"),
+        )?;
+        Ok(())
+    }
+
+    /// Adds a node (namespace, underlay port, forwarding on) without starting its agent.
+    /// Returns its index.
+    pub fn add_node(&mut self) -> Result<usize> {
+        let index = self.nodes.len() + 1;
+        if index > 200 {
+            bail!("a lab holds at most 200 nodes");
+        }
+        let ns = self.create_ns(&format!("n{index}"))?;
+        let node_ip = Ipv4Addr::new(198, 18, 0, 10 + index as u8);
+        let fabric_port = format!("n{index}");
+        let fab = &self.fabric;
+        ip(
+            &ns,
+            &format!("link add eth0 type veth peer name {fabric_port} netns {fab}"),
+        )?;
+        ip(
+            fab,
+            &format!("link set {fabric_port} master {FABRIC_BRIDGE} up"),
+        )?;
+        ip(&ns, &format!("addr add {node_ip}/24 dev eth0"))?;
+        ip(&ns, "link set eth0 up")?;
+        ip(&ns, &format!("route add default via {FABRIC_IP}"))?;
+        run_in(&ns, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+        let dir = self.dir.path().join(format!("n{index}"));
+        std::fs::create_dir_all(&dir)?;
+        self.nodes.push(Node {
+            index,
+            subnet_file: dir.join("subnet.env"),
+            agent_log: dir.join("agent.log"),
+            dir,
+            ns,
+            ip: node_ip,
+            fabric_port,
+            cni_network: format!("{}n{index}", self.prefix),
+            agent: None,
+            pod_count: 0,
+        });
+        Ok(index)
+    }
+
+    pub fn node(&self, index: usize) -> &Node {
+        self.nodes
+            .get(index.wrapping_sub(1))
+            .unwrap_or_else(|| panic!("no node {index} in this lab (nodes count from 1)"))
+    }
+
+    fn node_mut(&mut self, index: usize) -> &mut Node {
+        self.nodes
+            .get_mut(index.wrapping_sub(1))
+            .unwrap_or_else(|| panic!("no node {index} in this lab (nodes count from 1)"))
+    }
+
+    pub fn node_ns(&self, index: usize) -> &str {
+        &self.node(index).ns
+    }
+
+    pub fn node_ip(&self, index: usize) -> Ipv4Addr {
+        self.node(index).ip
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Spawns `weft agent` on node `index` and returns at once: the instant just before
+    /// the spawn and the subnet file's stamp before it (for `wait_agent_ready`).
+    pub fn spawn_agent(&mut self, index: usize) -> Result<(Instant, Option<FileStamp>)> {
+        let weft = self.binary("weft")?;
+        let mut args: Vec<String> = vec![
+            weft.to_string_lossy().into_owned(),
+            "agent".into(),
+            "--etcd-endpoints".into(),
+            ETCD_ENDPOINT.into(),
+            "--etcd-prefix".into(),
+            ETCD_PREFIX.into(),
+            "--subnet-file".into(),
+            self.node(index).subnet_file.to_string_lossy().into_owned(),
+            "--iface".into(),
+            "eth0".into(),
+        ];
+        if self.config.ip_masq {
+            args.push("--ip-masq".into());
+        }
+        args.extend(self.config.extra_agent_args.iter().cloned());
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info,weft=debug".into());
+        let node = self.node_mut(index);
+        if node
+            .agent
+            .as_mut()
+            .is_some_and(|agent| agent.exit_status().is_none())
+        {
+            bail!("the agent of node {index} is already running");
+        }
+        let before = file_stamp(&node.subnet_file);
+        append_line(
+            &node.agent_log,
+            &format!("--- lab: starting {}", args.join(" ")),
+        );
+        let started = Instant::now();
+        let agent = NetnsProcess::spawn(
+            &format!("weft agent on node {index}"),
+            &node.ns,
+            &args,
+            &[
+                ("RUST_LOG".to_string(), rust_log),
+                // Plain text in the log files.
+                ("NO_COLOR".to_string(), "1".to_string()),
+            ],
+            &node.agent_log,
+        )?;
+        node.agent = Some(agent);
+        Ok((started, before))
+    }
+
+    /// Waits (at most 15 s) until the agent of node `index` (re)wrote its subnet file,
+    /// i.e. its stamp differs from `before`. Fails at once if the agent exits.
+    pub fn wait_agent_ready(
+        &mut self,
+        index: usize,
+        before: Option<FileStamp>,
+    ) -> Result<Duration> {
+        let node = self.node_mut(index);
+        let subnet_file = node.subnet_file.clone();
+        let log = node.agent_log.clone();
+        let waited = wait_until(
+            &format!(
+                "the agent of node {index} to write {}",
+                subnet_file.display()
+            ),
+            Duration::from_secs(15),
+            || {
+                if let Some(status) = node.agent.as_mut().and_then(|a| a.exit_status()) {
+                    bail!("the agent exited ({status})");
+                }
+                let now = file_stamp(&subnet_file);
+                Ok(now.is_some() && now != before)
+            },
+        );
+        waited.with_context(|| format!("agent log of node {index} (tail):\n{}", tail(&log, 30)))
+    }
+
+    /// Starts the agent of node `index` and waits until it is ready; returns how long that took.
+    pub fn start_agent(&mut self, index: usize) -> Result<Duration> {
+        let (started, before) = self.spawn_agent(index)?;
+        self.wait_agent_ready(index, before)?;
+        Ok(started.elapsed())
+    }
+
+    /// Stops the agent of node `index` (SIGTERM, SIGKILL after 5 s).
+    pub fn stop_agent(&mut self, index: usize) {
+        if let Some(mut agent) = self.node_mut(index).agent.take() {
+            agent.stop();
+        }
+    }
+
+    /// Kills the agent of node `index` with SIGKILL, like a crash.
+    pub fn kill_agent(&mut self, index: usize) {
+        if let Some(mut agent) = self.node_mut(index).agent.take() {
+            agent.kill();
+        }
+    }
+
+    /// Whether the agent of node `index` is running.
+    pub fn agent_running(&mut self, index: usize) -> bool {
+        self.node_mut(index)
+            .agent
+            .as_mut()
+            .is_some_and(|agent| agent.exit_status().is_none())
+    }
+
+    pub fn agent_log_tail(&self, index: usize, lines: usize) -> String {
+        tail(&self.node(index).agent_log, lines)
+    }
+
+    /// The KEY=VALUE pairs of node `index`'s subnet.env.
+    pub fn subnet_env(&self, index: usize) -> Result<BTreeMap<String, String>> {
+        let path = &self.node(index).subnet_file;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(text
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect())
+    }
+
+    /// Creates a pod on node `index`: a namespace attached by the CNI plugin (`flannel`,
+    /// i.e. weft-cni) the way a container runtime calls it, inside the node's namespace.
+    pub fn add_pod(&mut self, index: usize) -> Result<Pod> {
+        let plugin = self.cni_bin_dir.join("flannel");
+        self.binary("weft-cni")?;
+        let node = self.node_mut(index);
+        node.pod_count += 1;
+        let name = format!("n{index}p{}", node.pod_count);
+        let conf = json!({
+            "cniVersion": "1.0.0",
+            "name": node.cni_network,
+            "type": "flannel",
+            "subnetFile": node.subnet_file,
+            "dataDir": node.dir.join("cni-data"),
+            "delegate": {"hairpinMode": true, "isDefaultGateway": true},
+        });
+        let node_ns = node.ns.clone();
+        let ns = self.create_ns(&name)?;
+        let out = Cmd::new([plugin.to_string_lossy().into_owned()])
+            .netns(&node_ns)
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", format!("{}{name}", self.prefix))
+            .env("CNI_NETNS", format!("/var/run/netns/{ns}"))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", self.cni_bin_dir.to_string_lossy())
+            .stdin(conf.to_string())
+            .timeout(Duration::from_secs(30))
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "CNI ADD of pod {name} on node {index} failed ({}):\nstdout: {}\nstderr: {}",
+                out.status,
+                out.stdout.trim(),
+                out.stderr.trim()
+            );
+        }
+        let ip = pod_ip_from_cni_result(&out.stdout)
+            .with_context(|| format!("CNI ADD result of pod {name}: {}", out.stdout.trim()))?;
+        let pod = Pod {
+            name,
+            ns,
+            ip,
+            node: index,
+        };
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// Adds `per_node` pods on every node, in node order.
+    pub fn add_pods(&mut self, per_node: usize) -> Result<Vec<Pod>> {
+        let mut pods = Vec::new();
+        for index in 1..=self.nodes.len() {
+            for _ in 0..per_node {
+                pods.push(self.add_pod(index)?);
+            }
+        }
+        Ok(pods)
+    }
+
+    /// Records a pod attached by other means (e.g. a hand-configured node); `pod.ns`
+    /// must come from `create_ns`.
+    pub fn register_pod(&mut self, pod: Pod) {
+        self.pods.push(pod);
+    }
+
+    /// Next pod name on node `index` (`n<index>p<k>`), for pods attached by other means.
+    pub fn next_pod_name(&mut self, index: usize) -> String {
+        let node = self.node_mut(index);
+        node.pod_count += 1;
+        format!("n{index}p{}", node.pod_count)
+    }
+
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    /// `ping -c 2 -W 1` from the pod: true if an echo reply came.
+    pub fn ping(&self, from: &Pod, to: Ipv4Addr) -> bool {
+        ping_ns(&from.ns, to)
+    }
+
+    /// Pings every ordered pair of distinct `pods` (concurrently).
+    pub fn ping_matrix(&self, pods: &[Pod]) -> PingMatrix {
+        let pairs: Vec<(usize, usize)> = (0..pods.len())
+            .flat_map(|a| {
+                (0..pods.len())
+                    .filter(move |&b| b != a)
+                    .map(move |b| (a, b))
+            })
+            .collect();
+        let ok: Vec<bool> = std::thread::scope(|scope| {
+            let handles: Vec<_> = pairs
+                .iter()
+                .map(|&(a, b)| scope.spawn(move || ping_ns(&pods[a].ns, pods[b].ip)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(false))
+                .collect()
+        });
+        PingMatrix {
+            pods: pods.to_vec(),
+            results: pairs
+                .into_iter()
+                .zip(ok)
+                .map(|((a, b), ok)| (a, b, ok))
+                .collect(),
+        }
+    }
+
+    /// Repeats `ping_matrix` until every pair pings or `timeout` passes; returns the last
+    /// matrix and the time it took.
+    pub fn wait_for_matrix(&self, pods: &[Pod], timeout: Duration) -> (PingMatrix, Duration) {
+        let start = Instant::now();
+        loop {
+            let matrix = self.ping_matrix(pods);
+            if matrix.all_ok() || start.elapsed() >= timeout {
+                return (matrix, start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `etcdctl <args>` against the lab's etcd; returns stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        self.etcd
+            .as_ref()
+            .ok_or_else(|| anyhow!("the lab's etcd is not running"))?
+            .ctl(args)
+    }
+
+    /// All subnet leases in etcd.
+    pub fn leases(&self) -> Result<Vec<Lease>> {
+        let out = self.etcdctl(&["get", "--prefix", &format!("{ETCD_PREFIX}/subnets/")])?;
+        parse_leases(&out)
+    }
+
+    /// The lease whose PublicIP is node `index`'s address.
+    pub fn lease_of(&self, index: usize) -> Result<Lease> {
+        let ip = self.node_ip(index);
+        let leases = self.leases()?;
+        let mut mine = leases.iter().filter(|l| l.public_ip == ip);
+        let lease = mine
+            .next()
+            .cloned()
+            .ok_or_else(|| anyhow!("no lease with PublicIP {ip} (node {index}) in etcd"))?;
+        if mine.next().is_some() {
+            bail!("more than one lease with PublicIP {ip} (node {index}): {leases:#?}");
+        }
+        Ok(lease)
+    }
+
+    /// `ip -j <args>` in namespace `ns`, parsed (an empty output is an empty list).
+    pub fn ip_json(&self, ns: &str, args: &[&str]) -> Result<Vec<Value>> {
+        json_command("ip", ns, args)
+    }
+
+    /// `bridge -j <args>` in namespace `ns`, parsed.
+    pub fn bridge_json(&self, ns: &str, args: &[&str]) -> Result<Vec<Value>> {
+        json_command("bridge", ns, args)
+    }
+
+    /// MTU of `dev` in namespace `ns`.
+    pub fn link_mtu(&self, ns: &str, dev: &str) -> Result<u64> {
+        self.link_field(ns, dev, "mtu")?
+            .as_u64()
+            .ok_or_else(|| anyhow!("no MTU for {dev} in {ns}"))
+    }
+
+    /// MAC address of `dev` in namespace `ns`.
+    pub fn link_mac(&self, ns: &str, dev: &str) -> Result<String> {
+        self.link_field(ns, dev, "address")?
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("no MAC address for {dev} in {ns}"))
+    }
+
+    fn link_field(&self, ns: &str, dev: &str, field: &str) -> Result<Value> {
+        let links = self.ip_json(ns, &["link", "show", "dev", dev])?;
+        links
+            .first()
+            .and_then(|link| link.get(field))
+            .cloned()
+            .ok_or_else(|| anyhow!("`ip -n {ns} link show dev {dev}` has no {field}"))
+    }
+
+    /// Starts tcpdump (`-n -l -t -c count`) on `iface` in `ns` with `filter`, bounded by
+    /// `max`; returns once it listens.
+    pub fn tcpdump(
+        &self,
+        ns: &str,
+        iface: &str,
+        filter: &str,
+        count: u32,
+        max: Duration,
+    ) -> Result<Capture> {
+        let count = count.to_string();
+        Capture::start(
+            ns,
+            &[
+                "tcpdump", "-i", iface, "-n", "-l", "-t", "-c", &count, filter,
+            ],
+            "listening on",
+            max,
+        )
+    }
+
+    /// Starts tshark on `iface` in `ns` with extra `args`, bounded by `max`; returns once
+    /// it captures.
+    pub fn tshark(&self, ns: &str, iface: &str, args: &[&str], max: Duration) -> Result<Capture> {
+        let mut line = vec!["tshark", "-i", iface, "-n", "-l"];
+        line.extend_from_slice(args);
+        Capture::start(ns, &line, "Capturing on", max)
+    }
+
+    /// Captures (tcpdump, at most 10 s) the first packet matching `filter` on `iface` in
+    /// `ns` while `trigger` runs (repeatedly, until the packet is seen), and returns its
+    /// IPv4 source address.
+    pub fn first_packet_source(
+        &self,
+        ns: &str,
+        iface: &str,
+        filter: &str,
+        trigger: impl FnMut(),
+    ) -> Result<Ipv4Addr> {
+        let capture = self.tcpdump(ns, iface, filter, 1, Duration::from_secs(10))?;
+        let out = capture.finish_while(trigger)?;
+        // "IP 198.18.0.11 > 198.51.100.1: ICMP echo request, ..."
+        let source = out
+            .lines()
+            .find_map(|line| line.strip_prefix("IP "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .with_context(|| format!("tcpdump in {ns} on {iface} saw no packet for '{filter}'"))?;
+        source
+            .parse()
+            .with_context(|| format!("tcpdump printed an unexpected source: {out}"))
+    }
+
+    /// Pings `to` from `from` while tshark captures, on the fabric port of `to`'s node,
+    /// the first VXLAN packet from `from`'s node, and returns it decoded.
+    pub fn capture_vxlan(&self, from: &Pod, to: &Pod) -> Result<VxlanPacket> {
+        let filter = format!(
+            "udp dst port {VXLAN_PORT} and src host {}",
+            self.node_ip(from.node)
+        );
+        let decode_as = format!("udp.port=={VXLAN_PORT},vxlan");
+        let fields = [
+            "ip.src",
+            "ip.dst",
+            "udp.dstport",
+            "vxlan.vni",
+            "eth.src",
+            "eth.dst",
+        ];
+        let mut args = vec!["-c", "1", "-f", &filter, "-d", &decode_as, "-T", "fields"];
+        for field in &fields {
+            args.extend(["-e", field]);
+        }
+        args.extend([
+            "-E",
+            "separator=|",
+            "-E",
+            "occurrence=a",
+            "-E",
+            "aggregator=,",
+        ]);
+        let port = &self.node(to.node).fabric_port;
+        let capture = self.tshark(&self.fabric, port, &args, Duration::from_secs(20))?;
+        let mut pinged = false;
+        let out = capture.finish_while(|| {
+            pinged |= icmp::ping(&from.ns, to.ip, 1, Duration::from_millis(300))
+                .is_ok_and(|rtt| rtt.is_some())
+        })?;
+        VxlanPacket::parse(&out).with_context(|| {
+            format!(
+                "tshark on {port} (fabric) decoded no VXLAN packet from node {} \
+                 (ping {} -> {} replied: {pinged}); output: {out:?}",
+                from.node, from.name, to.name
+            )
+        })
+    }
+
+    /// Agent and etcd log tails and each node's routes: printed when a test fails.
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            let _ = writeln!(
+                out,
+                "===== node {} ({}, {}) agent log (tail) =====\n{}",
+                node.index,
+                node.ns,
+                node.ip,
+                tail(&node.agent_log, 40)
+            );
+            let routes = Cmd::new(["ip", "-n", &node.ns, "route"]).output();
+            let _ = writeln!(
+                out,
+                "----- routes -----\n{}",
+                routes.map(|o| o.stdout).unwrap_or_default()
+            );
+        }
+        if let Some(etcd) = &self.etcd {
+            let _ = writeln!(out, "===== etcd log (tail) =====\n{}", tail(etcd.log(), 10));
+        }
+        out
+    }
+
+    fn teardown(&mut self) {
+        // Signal every agent first so that their shutdowns overlap.
+        let mut agents: Vec<NetnsProcess> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.agent.take())
+            .collect();
+        for agent in &agents {
+            // SAFETY: kill(2) on the PID of our own child.
+            unsafe { libc::kill(agent.pid() as libc::pid_t, libc::SIGTERM) };
+        }
+        for agent in &mut agents {
+            agent.stop();
+        }
+        if let Some(mut etcd) = self.etcd.take() {
+            etcd.stop();
+        }
+        // Pods, then nodes, then the fabric: the reverse of creation.
+        for ns in self.namespaces.iter().rev() {
+            if let Err(e) = netns::delete(ns) {
+                eprintln!("lab teardown: {e:#}");
+            }
+        }
+        for node in &self.nodes {
+            let _ = std::fs::remove_dir_all(Path::new(HOST_LOCAL_STATE).join(&node.cni_network));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "lab {} failed; diagnostics:\n{}",
+                self.prefix,
+                self.diagnostics()
+            );
+        }
+        self.teardown();
+    }
+}
+
+/// `ping -c 2 -W 1` from namespace `ns`.
+pub fn ping_ns(ns: &str, to: Ipv4Addr) -> bool {
+    matches!(icmp::ping(ns, to, 2, Duration::from_secs(1)), Ok(Some(_)))
+}
+
+fn append_line(path: &Path, line: &str) {
+    use std::io::Write;
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(file, "{line}");
+    }
+}
+
+fn json_command(program: &str, ns: &str, args: &[&str]) -> Result<Vec<Value>> {
+    let mut line = vec![program, "-n", ns, "-j"];
+    line.extend_from_slice(args);
+    let out = run(&line)?;
+    if out.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let value: Value = serde_json::from_str(&out)
+        .with_context(|| format!("`{}` printed no JSON: {out}", line.join(" ")))?;
+    match value {
+        Value::Array(items) => Ok(items),
+        other => Ok(vec![other]),
+    }
+}
+
+/// The pod address from a CNI ADD result (first entry of `ips`).
+fn pod_ip_from_cni_result(result: &str) -> Result<Ipv4Addr> {
+    let value: Value = serde_json::from_str(result).context("the result is not JSON")?;
+    let address = value["ips"][0]["address"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the result has no ips[0].address"))?;
+    let ip = address.split('/').next().unwrap_or_default();
+    ip.parse()
+        .with_context(|| format!("ips[0].address {address} is not an IPv4 CIDR"))
+}
+
+/// Parses `etcdctl get --prefix <prefix>/subnets/` output (key and value lines alternate).
+pub fn parse_leases(out: &str) -> Result<Vec<Lease>> {
+    let lines: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+    if !lines.len().is_multiple_of(2) {
+        bail!("etcdctl get printed an odd number of lines: {out}");
+    }
+    lines
+        .chunks(2)
+        .map(|pair| parse_lease(pair[0], pair[1]))
+        .collect()
+}
+
+fn parse_lease(key: &str, value: &str) -> Result<Lease> {
+    let name = key
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .split('&')
+        .next()
+        .unwrap_or_default();
+    let (subnet, prefix_len) = name
+        .split_once('-')
+        .ok_or_else(|| anyhow!("lease key {key} is not <prefix>/subnets/<ip>-<len>"))?;
+    let value: Value = serde_json::from_str(value)
+        .with_context(|| format!("lease {key}: value is not JSON: {value}"))?;
+    let public_ip = value["PublicIP"]
+        .as_str()
+        .ok_or_else(|| anyhow!("lease {key} has no PublicIP: {value}"))?;
+    Ok(Lease {
+        key: key.to_string(),
+        subnet: subnet.parse().with_context(|| format!("lease key {key}"))?,
+        prefix_len: prefix_len
+            .parse()
+            .with_context(|| format!("lease key {key}"))?,
+        public_ip: public_ip
+            .parse()
+            .with_context(|| format!("lease {key} PublicIP"))?,
+        backend_type: value["BackendType"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        vtep_mac: value["BackendData"]["VtepMAC"].as_str().map(str::to_string),
+        value,
+    })
+}
+
+/// UDP port of flannel's VXLAN (the kernel default).
+pub const VXLAN_PORT: u16 = 8472;
+
+/// A VXLAN packet as tshark decoded it: outer headers and the encapsulated frame's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanPacket {
+    pub outer_src: Ipv4Addr,
+    pub outer_dst: Ipv4Addr,
+    pub inner_src: Ipv4Addr,
+    pub inner_dst: Ipv4Addr,
+    pub udp_dst_port: u16,
+    pub vni: u32,
+    pub inner_src_mac: String,
+    pub inner_dst_mac: String,
+}
+
+impl VxlanPacket {
+    /// Parses one line of `tshark -T fields -e ip.src -e ip.dst -e udp.dstport
+    /// -e vxlan.vni -e eth.src -e eth.dst -E separator=|` (repeated fields: outer first,
+    /// comma-separated).
+    pub fn parse(out: &str) -> Result<Self> {
+        let line = out
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .context("no packet")?;
+        let fields: Vec<Vec<&str>> = line.split('|').map(|f| f.split(',').collect()).collect();
+        if fields.len() != 6 {
+            bail!("expected 6 fields, got {}: {line}", fields.len());
+        }
+        let second = |i: usize, name: &str| -> Result<&str> {
+            fields[i]
+                .get(1)
+                .copied()
+                .with_context(|| format!("no inner {name} (not decoded as VXLAN?): {line}"))
+        };
+        Ok(VxlanPacket {
+            outer_src: fields[0][0].parse().context("outer ip.src")?,
+            outer_dst: fields[1][0].parse().context("outer ip.dst")?,
+            inner_src: second(0, "ip.src")?.parse().context("inner ip.src")?,
+            inner_dst: second(1, "ip.dst")?.parse().context("inner ip.dst")?,
+            udp_dst_port: fields[2][0].parse().context("udp.dstport")?,
+            vni: fields[3][0].parse().context("vxlan.vni")?,
+            inner_src_mac: second(4, "eth.src")?.to_string(),
+            inner_dst_mac: second(5, "eth.dst")?.to_string(),
+        })
+    }
+}
+
+/// Results of pinging every ordered pair of pods.
+#[derive(Debug, Clone)]
+pub struct PingMatrix {
+    pub pods: Vec<Pod>,
+    /// (from index, to index, replied)
+    pub results: Vec<(usize, usize, bool)>,
+}
+
+impl PingMatrix {
+    pub fn all_ok(&self) -> bool {
+        self.results.iter().all(|&(_, _, ok)| ok)
+    }
+
+    /// "n1p1 (10.244.3.2) -> n2p1 (10.244.7.2)" for each pair that failed.
+    pub fn failures(&self) -> Vec<String> {
+        self.results
+            .iter()
+            .filter(|(_, _, ok)| !ok)
+            .map(|&(a, b, _)| {
+                let (a, b) = (&self.pods[a], &self.pods[b]);
+                format!("{} ({}) -> {} ({})", a.name, a.ip, b.name, b.ip)
+            })
+            .collect()
+    }
+
+    /// A table, rows = source, columns = destination, ✓ / ✗.
+    pub fn render(&self) -> String {
+        let width = self
+            .pods
+            .iter()
+            .map(|p| p.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4)
+            + 1;
+        let mut out = format!("{:width$}", "from\\to");
+        for pod in &self.pods {
+            let _ = write!(out, " {:>width$}", pod.name);
+        }
+        out.push('\n');
+        for (a, from) in self.pods.iter().enumerate() {
+            let _ = write!(out, "{:width$}", from.name);
+            for b in 0..self.pods.len() {
+                let cell = match self.results.iter().find(|r| r.0 == a && r.1 == b) {
+                    Some((_, _, true)) => "✓",
+                    Some((_, _, false)) => "✗",
+                    None => "·",
+                };
+                let _ = write!(out, " {cell:>width$}");
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_flannel_leases() {
+        let out = "/coreos.com/network/subnets/10.244.3.0-24\n\
+                   {\"PublicIP\":\"198.18.0.11\",\"BackendType\":\"vxlan\",\"BackendData\":{\"VNI\":1,\"VtepMAC\":\"0e:00:00:00:00:01\"}}\n\
+                   /coreos.com/network/subnets/10.244.9.0-24\n\
+                   {\"PublicIP\":\"198.18.0.12\",\"BackendType\":\"host-gw\"}\n";
+        let leases = parse_leases(out).unwrap();
+        assert_eq!(leases.len(), 2);
+        assert_eq!(leases[0].cidr(), "10.244.3.0/24");
+        assert_eq!(leases[0].public_ip, Ipv4Addr::new(198, 18, 0, 11));
+        assert_eq!(leases[0].vtep_mac.as_deref(), Some("0e:00:00:00:00:01"));
+        assert_eq!(leases[1].backend_type, "host-gw");
+        assert_eq!(leases[1].vtep_mac, None);
+        assert!(parse_leases("/x/subnets/10.244.1.0-24\n").is_err());
+    }
+
+    #[test]
+    fn reads_pod_ip_from_cni_result() {
+        let result =
+            r#"{"cniVersion":"1.0.0","ips":[{"address":"10.244.3.2/24","gateway":"10.244.3.1"}]}"#;
+        assert_eq!(
+            pod_ip_from_cni_result(result).unwrap(),
+            Ipv4Addr::new(10, 244, 3, 2)
+        );
+        assert!(pod_ip_from_cni_result(r#"{"ips":[]}"#).is_err());
+    }
+
+    #[test]
+    fn parses_a_vxlan_packet() {
+        let line = "198.18.0.11,10.244.1.2|198.18.0.12,10.244.2.2|8472|1|\
+                    aa:aa:aa:aa:aa:01,0e:00:00:00:00:01|aa:aa:aa:aa:aa:02,0e:00:00:00:00:02\n";
+        let packet = VxlanPacket::parse(line).unwrap();
+        assert_eq!(packet.outer_src, Ipv4Addr::new(198, 18, 0, 11));
+        assert_eq!(packet.inner_dst, Ipv4Addr::new(10, 244, 2, 2));
+        assert_eq!((packet.udp_dst_port, packet.vni), (8472, 1));
+        assert_eq!(packet.inner_dst_mac, "0e:00:00:00:00:02");
+        assert_eq!(packet.inner_src_mac, "0e:00:00:00:00:01");
+        // Not decoded as VXLAN: no inner headers.
+        assert!(VxlanPacket::parse(
+            "198.18.0.11|198.18.0.12|8472||aa:aa:aa:aa:aa:01|aa:aa:aa:aa:aa:02"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn renders_the_matrix() {
+        let pod = |name: &str, last: u8| Pod {
+            name: name.into(),
+            ns: String::new(),
+            ip: Ipv4Addr::new(10, 244, 1, last),
+            node: 1,
+        };
+        let matrix = PingMatrix {
+            pods: vec![pod("n1p1", 2), pod("n1p2", 3)],
+            results: vec![(0, 1, true), (1, 0, false)],
+        };
+        assert!(!matrix.all_ok());
+        assert_eq!(
+            matrix.failures(),
+            vec!["n1p2 (10.244.1.3) -> n1p1 (10.244.1.2)"]
+        );
+        let table = matrix.render();
+        assert!(table.contains('✓') && table.contains('✗'), "{table}");
+    }
+}

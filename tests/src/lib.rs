@@ -1,0 +1,25 @@
+//! weft's network-namespace lab: a fabric (underlay bridge, etcd, an external host),
+//! nodes running `weft agent`, pods attached by the CNI plugin. Nothing is created in
+//! the root network namespace; everything is removed when the [`Lab`] is dropped.
+//!
+//! ```no_run
+//! use weft_tests::{Backend, Lab, LabConfig};
+//! let mut lab = Lab::start(LabConfig { nodes: 3, backend: Backend::Vxlan, ..Default::default() })?;
+//! let pods = lab.add_pods(2)?;
+//! assert!(lab.ping(&pods[0], pods[5].ip));
+//! # anyhow::Ok(())
+//! ```
+
+pub mod etcd;
+pub mod exec;
+pub mod icmp;
+pub mod lab;
+pub mod netns;
+pub mod plain_flannel;
+pub mod process;
+
+pub use exec::{wait_until, Cmd};
+pub use lab::{
+    Backend, Lab, LabConfig, Lease, PingMatrix, Pod, VxlanPacket, EXTERNAL_HOST, FABRIC_IP,
+};
+pub use plain_flannel::PlainFlannelNode;
