@@ -2,35 +2,194 @@
 //! programs (`weft-ebpf`): map names, map keys and values, constants.
 //!
 //! Everything here is `#[repr(C)]` plain data so that both sides agree on the
-//! layout byte for byte. Map key/value structs get `unsafe impl aya::Pod`
-//! under `#[cfg(feature = "user")]` (the counters map uses `u32`/`u64`, which
-//! already are).
+//! layout byte for byte. Addresses are stored as they appear on the wire
+//! (network byte order, as `[u8; 4]`), so neither side converts per packet.
+//! Map key/value structs get `unsafe impl aya::Pod` under `feature = "user"`.
+//!
+//! Map layouts (pinned under the agent's bpffs directory, default
+//! `/sys/fs/bpf/weft/`, with BTF so `bpftool map dump pinned ...` names fields):
+//!
+//! | map | type | key | value |
+//! |---|---|---|---|
+//! | `leases` | LPM trie | `{ prefix_len: u32, subnet: [u8; 4] }` (aya's `lpm_trie::Key<[u8; 4]>`) | [`LeaseEntry`] |
+//! | `peers` | hash | [`PeerKey`] (a lease's public IP) | [`PeerEntry`] |
+//! | `endpoints` | hash | [`EndpointKey`] (local pod IP) | [`EndpointEntry`] |
+//! | `config` | array[1] | `u32` 0 | [`DataplaneConfig`] |
+//! | `counters` | per-CPU array | `u32` [`Counter`] index | `u64` packets |
 #![no_std]
 
-/// Name of the per-CPU array of datapath counters, indexed by [`Counter`].
-pub const COUNTERS_MAP: &str = "WEFT_COUNTERS";
+/// Map names, as the programs declare them and as they are pinned.
+pub const MAP_LEASES: &str = "leases";
+pub const MAP_PEERS: &str = "peers";
+pub const MAP_ENDPOINTS: &str = "endpoints";
+pub const MAP_CONFIG: &str = "config";
+pub const MAP_COUNTERS: &str = "counters";
+/// Every pinned map, for the agent's adoption and cleanup.
+pub const ALL_MAPS: [&str; 5] = [
+    MAP_LEASES,
+    MAP_PEERS,
+    MAP_ENDPOINTS,
+    MAP_CONFIG,
+    MAP_COUNTERS,
+];
 
-/// Name of the TC classifier attached to the ingress of pod-facing interfaces.
+/// TC ingress of each pod's host-side veth: encapsulate or route to remote leases.
 pub const PROG_FROM_POD: &str = "from_pod";
+/// TC ingress of the uplink: decapsulate VXLAN from peers, deliver to local pods.
+pub const PROG_FROM_NETDEV: &str = "from_netdev";
 
-/// Index of one datapath counter in [`COUNTERS_MAP`]. Each slot holds a `u64`
+/// Capacity of the lease and peer maps (one entry per node of the cluster).
+pub const MAX_LEASES: u32 = 16384;
+/// Capacity of the endpoint map (local pods).
+pub const MAX_ENDPOINTS: u32 = 4096;
+
+/// Bytes VXLAN adds in front of the inner IP packet: outer Ethernet is kept, so
+/// outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// Reach the lease over VXLAN (encapsulate to `public_ip`).
+pub const LEASE_VXLAN: u32 = 1;
+/// Reach the lease by routing the pod packet unencapsulated (host-gw, DirectRouting).
+pub const LEASE_DIRECT: u32 = 2;
+
+/// A remote node's lease.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseEntry {
+    /// The node's public (underlay) IP, network byte order.
+    pub public_ip: [u8; 4],
+    /// `LEASE_VXLAN` or `LEASE_DIRECT`.
+    pub mode: u32,
+    /// The node's VTEP MAC: the inner destination MAC, as flannel.<VNI> expects.
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Key of the `peers` map: the public IP of a node that holds a lease.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerKey {
+    pub public_ip: [u8; 4],
+}
+
+/// A known VXLAN peer: only these may send us VXLAN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerEntry {
+    /// How many leases name this public IP (normally 1).
+    pub leases: u32,
+}
+
+/// Key of the `endpoints` map: a local pod's IP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointKey {
+    pub pod_ip: [u8; 4],
+}
+
+/// A local pod: where to deliver a packet addressed to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointEntry {
+    /// ifindex of the pod's host-side veth (the target of `bpf_redirect_peer`).
+    pub ifindex: u32,
+    /// The pod's MAC (destination of delivered frames).
+    pub pod_mac: [u8; 6],
+    /// The host-side veth's MAC (source of delivered frames, as the gateway).
+    pub host_mac: [u8; 6],
+}
+
+/// The node's datapath settings: entry 0 of the `config` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    /// VXLAN network identifier (host byte order).
+    pub vni: u32,
+    /// VXLAN UDP destination port (host byte order).
+    pub vxlan_port: u16,
+    pub _pad: u16,
+    /// The uplink's address: outer source IP of encapsulated packets (network order).
+    pub node_ip: [u8; 4],
+    /// ifindex of the uplink (input interface of the programs' FIB lookups).
+    pub uplink_ifindex: u32,
+    /// Largest inner IPv4 packet the tunnel carries unfragmented (underlay MTU - 50).
+    pub inner_mtu: u32,
+    /// This node's VTEP MAC: inner source MAC of encapsulated packets.
+    pub vtep_mac: [u8; 6],
+    pub _pad2: [u8; 2],
+}
+
+/// Index of one datapath counter in the `counters` map. Each slot holds a `u64`
 /// per CPU; readers sum over CPUs.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Packets seen by `from_pod`.
-    PacketsSeen = 0,
+    /// Pod packets encapsulated to a remote lease (from_pod).
+    Encap = 0,
+    /// Pod packets routed unencapsulated to a remote lease (from_pod).
+    DirectOut = 1,
+    /// VXLAN packets decapsulated and delivered to a local pod (from_netdev).
+    Decap = 2,
+    /// Unencapsulated packets delivered straight to a local pod (from_netdev).
+    DirectIn = 3,
+    /// Packets handed to the kernel stack unchanged (not ours, or the kernel path serves them).
+    Passed = 4,
+    /// VXLAN from an address that holds no lease.
+    DropUnknownPeer = 5,
+    /// VXLAN on our port with another VNI or without the VNI flag.
+    DropWrongVni = 6,
+    /// VXLAN on our port too short to hold its headers.
+    DropMalformed = 7,
+    /// A kernel helper refused to resize or rewrite the packet.
+    DropHelperFailed = 8,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 1] = [Counter::PacketsSeen];
+    pub const ALL: [Counter; 9] = [
+        Counter::Encap,
+        Counter::DirectOut,
+        Counter::Decap,
+        Counter::DirectIn,
+        Counter::Passed,
+        Counter::DropUnknownPeer,
+        Counter::DropWrongVni,
+        Counter::DropMalformed,
+        Counter::DropHelperFailed,
+    ];
 
-    /// The slot of this counter in [`COUNTERS_MAP`].
+    /// The slot of this counter in the `counters` map.
     pub const fn index(self) -> u32 {
         self as u32
     }
+
+    /// A stable name for logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Encap => "encap",
+            Counter::DirectOut => "direct_out",
+            Counter::Decap => "decap",
+            Counter::DirectIn => "direct_in",
+            Counter::Passed => "passed",
+            Counter::DropUnknownPeer => "drop_unknown_peer",
+            Counter::DropWrongVni => "drop_wrong_vni",
+            Counter::DropMalformed => "drop_malformed",
+            Counter::DropHelperFailed => "drop_helper_failed",
+        }
+    }
 }
 
-/// Number of slots in [`COUNTERS_MAP`] (its `max_entries`).
+/// Number of slots in the `counters` map (its `max_entries`).
 pub const COUNTER_SLOTS: u32 = Counter::ALL.len() as u32;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain `#[repr(C)]` data without padding holes, valid for any bit pattern.
+    unsafe impl aya::Pod for LeaseEntry {}
+    unsafe impl aya::Pod for PeerKey {}
+    unsafe impl aya::Pod for PeerEntry {}
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointEntry {}
+    unsafe impl aya::Pod for DataplaneConfig {}
+}

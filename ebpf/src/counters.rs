@@ -1,0 +1,43 @@
+//! Every packet a program sees ends in exactly one counter: the verdict
+//! helpers below count and return the TC action together, so no path can
+//! return without counting.
+
+use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use weft_common::Counter;
+
+use crate::maps;
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = maps::counter_slot(counter.index()) {
+        // SAFETY: the slot belongs to this CPU and the program is not
+        // preempted on it while it runs.
+        unsafe { *slot += 1 }
+    }
+}
+
+/// Hands the packet to the kernel stack unchanged.
+#[inline(always)]
+pub fn pass() -> i32 {
+    count(Counter::Passed);
+    TC_ACT_OK
+}
+
+/// Drops the packet, recording why.
+#[inline(always)]
+pub fn drop(reason: Counter) -> i32 {
+    count(reason);
+    TC_ACT_SHOT
+}
+
+/// Counts `counter` for a packet handed to a redirect helper, whose return
+/// value `action` is TC_ACT_REDIRECT, or TC_ACT_SHOT when it refused.
+#[inline(always)]
+pub fn redirected(counter: Counter, action: i64) -> i32 {
+    if action == i64::from(TC_ACT_REDIRECT) {
+        count(counter);
+        TC_ACT_REDIRECT
+    } else {
+        drop(Counter::DropHelperFailed)
+    }
+}

@@ -1,0 +1,177 @@
+//! The maps the agent fills and the programs read. Names, keys and values are
+//! the contract in `weft-common`.
+//!
+//! The maps are BTF-defined (section `.maps`, libbpf's layout) rather than
+//! aya-ebpf's legacy `bpf_map_def` kind, for two things the legacy kind
+//! cannot carry: the key and value types, so the kernel knows them and
+//! `bpftool map dump` prints named fields, and `pinning = LIBBPF_PIN_BY_NAME`,
+//! so the loader pins each map under its name and a restarted agent adopts
+//! the maps of the running datapath instead of emptying them under traffic.
+//! (aya-ebpf 0.2's own BTF maps have no pinning attribute; aya's loader
+//! reads it.)
+
+use core::{ffi::c_void, ptr};
+
+use aya_ebpf::{
+    bindings::{
+        bpf_map_type::{
+            BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_PERCPU_ARRAY,
+        },
+        BPF_F_NO_PREALLOC,
+    },
+    helpers::generated::bpf_map_lookup_elem,
+    macros::btf_map,
+    maps::lpm_trie::Key,
+};
+use weft_common::{
+    DataplaneConfig, EndpointEntry, EndpointKey, LeaseEntry, PeerEntry, PeerKey, COUNTER_SLOTS,
+    MAX_ENDPOINTS, MAX_LEASES,
+};
+
+/// LIBBPF_PIN_BY_NAME (libbpf.h): pin the map as `<pin dir>/<map name>`.
+const PIN_BY_NAME: usize = 1;
+
+/// A BTF map definition. Each field encodes one attribute for the loader:
+/// integers as the length of the pointed-to array, key and value as the
+/// pointed-to types. Nothing here is ever dereferenced.
+#[repr(C)]
+pub struct MapDef<
+    K,
+    V,
+    const TYPE: usize,
+    const MAX_ENTRIES: usize,
+    const FLAGS: usize,
+    const PINNING: usize,
+> {
+    r#type: *const [i32; TYPE],
+    key: *const K,
+    value: *const V,
+    max_entries: *const [i32; MAX_ENTRIES],
+    map_flags: *const [i32; FLAGS],
+    pinning: *const [i32; PINNING],
+}
+
+// SAFETY: the definition holds no data; the kernel owns the map behind it.
+unsafe impl<K, V, const T: usize, const M: usize, const F: usize, const P: usize> Sync
+    for MapDef<K, V, T, M, F, P>
+{
+}
+
+impl<K, V, const T: usize, const M: usize, const F: usize, const P: usize>
+    MapDef<K, V, T, M, F, P>
+{
+    const fn new() -> Self {
+        Self {
+            r#type: ptr::null(),
+            key: ptr::null(),
+            value: ptr::null(),
+            max_entries: ptr::null(),
+            map_flags: ptr::null(),
+            pinning: ptr::null(),
+        }
+    }
+
+    /// The value stored under `key`, as a pointer into the map.
+    #[inline(always)]
+    fn lookup(&self, key: &K) -> Option<*mut V> {
+        // SAFETY: `self` is a map the loader relocated; `key` has the map's key type.
+        let value = unsafe {
+            bpf_map_lookup_elem(
+                ptr::from_ref(self).cast_mut().cast::<c_void>(),
+                ptr::from_ref(key).cast(),
+            )
+        };
+        (!value.is_null()).then_some(value.cast())
+    }
+
+    /// A copy of the value stored under `key`: the agent may replace the
+    /// entry at any time, and a copy cannot change between two reads.
+    #[inline(always)]
+    fn get(&self, key: &K) -> Option<V>
+    where
+        V: Copy,
+    {
+        // SAFETY: a non-null lookup result points at a value of type V.
+        self.lookup(key).map(|value| unsafe { *value })
+    }
+}
+
+/// Remote leases by subnet: longest-prefix match on a pod destination.
+/// The kernel requires BPF_F_NO_PREALLOC for LPM tries.
+#[btf_map(name = "leases")]
+static LEASES: MapDef<
+    Key<[u8; 4]>,
+    LeaseEntry,
+    { BPF_MAP_TYPE_LPM_TRIE as usize },
+    { MAX_LEASES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+    PIN_BY_NAME,
+> = MapDef::new();
+
+/// Public IPs of the nodes that hold leases: the only VXLAN sources accepted.
+#[btf_map(name = "peers")]
+static PEERS: MapDef<
+    PeerKey,
+    PeerEntry,
+    { BPF_MAP_TYPE_HASH as usize },
+    { MAX_LEASES as usize },
+    0,
+    PIN_BY_NAME,
+> = MapDef::new();
+
+/// Local pods by IP: where decapsulated and routed packets are delivered.
+#[btf_map(name = "endpoints")]
+static ENDPOINTS: MapDef<
+    EndpointKey,
+    EndpointEntry,
+    { BPF_MAP_TYPE_HASH as usize },
+    { MAX_ENDPOINTS as usize },
+    0,
+    PIN_BY_NAME,
+> = MapDef::new();
+
+/// The node's settings, entry 0.
+#[btf_map(name = "config")]
+static CONFIG: MapDef<u32, DataplaneConfig, { BPF_MAP_TYPE_ARRAY as usize }, 1, 0, PIN_BY_NAME> =
+    MapDef::new();
+
+/// One `u64` per CPU and per `Counter`: plain increments, no atomics.
+#[btf_map(name = "counters")]
+static COUNTERS: MapDef<
+    u32,
+    u64,
+    { BPF_MAP_TYPE_PERCPU_ARRAY as usize },
+    { COUNTER_SLOTS as usize },
+    0,
+    PIN_BY_NAME,
+> = MapDef::new();
+
+/// The node's settings (a copy: an agent update cannot tear it mid-packet).
+#[inline(always)]
+pub fn config() -> Option<DataplaneConfig> {
+    CONFIG.get(&0)
+}
+
+/// The lease whose subnet holds `ip`.
+#[inline(always)]
+pub fn lease(ip: [u8; 4]) -> Option<LeaseEntry> {
+    LEASES.get(&Key::new(32, ip))
+}
+
+/// Whether `ip` is the public IP of a node that holds a lease.
+#[inline(always)]
+pub fn is_peer(ip: [u8; 4]) -> bool {
+    PEERS.lookup(&PeerKey { public_ip: ip }).is_some()
+}
+
+/// The local pod that owns `ip`.
+#[inline(always)]
+pub fn endpoint(ip: [u8; 4]) -> Option<EndpointEntry> {
+    ENDPOINTS.get(&EndpointKey { pod_ip: ip })
+}
+
+/// This CPU's slot of counter `index`.
+#[inline(always)]
+pub fn counter_slot(index: u32) -> Option<*mut u64> {
+    COUNTERS.lookup(&index)
+}

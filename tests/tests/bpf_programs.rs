@@ -1,0 +1,1064 @@
+//! weft's datapath programs (`from_pod`, `from_netdev`) run on crafted frames
+//! with BPF_PROG_TEST_RUN, checked byte by byte.
+//!
+//! Each test loads the object built by `cargo xtask build-ebpf` into a fresh
+//! bpffs, fills the maps as the agent would, and runs the programs from a
+//! thread inside a network namespace of its own: the programs' FIB lookups
+//! see that namespace's uplink `up0` (198.18.0.11/24), its permanent
+//! neighbour entry for the peer 198.18.0.12 and its routes, so they answer
+//! the same way every run.
+
+use std::{
+    ffi::CString,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use aya::{
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, PerCpuArray,
+    },
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+    Ebpf, EbpfLoader,
+};
+use weft_common::{
+    Counter, DataplaneConfig, EndpointEntry, EndpointKey, LeaseEntry, PeerEntry, PeerKey, ALL_MAPS,
+    LEASE_DIRECT, LEASE_VXLAN, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS,
+    PROG_FROM_NETDEV, PROG_FROM_POD, VXLAN_OVERHEAD,
+};
+use weft_tests::{
+    exec::{ip, Cmd},
+    icmp, netns,
+};
+
+// TC verdicts (linux/pkt_cls.h).
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+// The node under test and its uplink.
+const UPLINK: &str = "up0";
+const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+const NODE_IP: [u8; 4] = [198, 18, 0, 11];
+const OWN_VTEP_MAC: [u8; 6] = [0x0e, 0, 0, 0, 0, 0x11];
+const VNI: u32 = 1;
+const VXLAN_PORT: u16 = 8472;
+const INNER_MTU: u32 = 1450;
+
+// Peers: one with a permanent neighbour entry, one on-link but unresolved,
+// one without any route, and a host that holds no lease.
+const PEER_IP: [u8; 4] = [198, 18, 0, 12];
+const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
+const PEER_VTEP_MAC: [u8; 6] = [0x0e, 0, 0, 0, 0, 0x12];
+const UNRESOLVED_PEER_IP: [u8; 4] = [198, 18, 0, 13];
+const UNROUTABLE_PEER_IP: [u8; 4] = [198, 51, 100, 99];
+const STRANGER_IP: [u8; 4] = [198, 18, 0, 99];
+
+// Remote leases, one per way of reaching them.
+const VXLAN_POD: [u8; 4] = [10, 244, 2, 7];
+const DIRECT_POD: [u8; 4] = [10, 244, 3, 7];
+const UNRESOLVED_VXLAN_POD: [u8; 4] = [10, 244, 4, 7];
+const UNRESOLVED_DIRECT_POD: [u8; 4] = [10, 244, 5, 7];
+const UNROUTABLE_POD: [u8; 4] = [10, 244, 6, 7];
+const UNLEASED_POD: [u8; 4] = [10, 244, 9, 7];
+
+// The local pod, as the CNI plugin wired it.
+const LOCAL_POD: [u8; 4] = [10, 244, 1, 5];
+const OTHER_LOCAL_IP: [u8; 4] = [10, 244, 1, 99];
+const LOCAL_POD_MAC: [u8; 6] = [0x0a, 0x58, 10, 244, 1, 5];
+const LOCAL_POD_HOST_MAC: [u8; 6] = [0x0a, 0x58, 0xee, 0xee, 0xee, 0x05];
+const GATEWAY_MAC: [u8; 6] = [0x0a, 0x58, 10, 244, 1, 1];
+/// ifindex of the pod's host-side veth. Under BPF_PROG_TEST_RUN the redirect
+/// only records its target, so any number does.
+const LOCAL_POD_IFINDEX: u32 = 4242;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_UDP: u8 = 17;
+/// Outer UDP source ports: the kernel's default ephemeral range.
+const SPORT_RANGE: std::ops::RangeInclusive<u16> = 32768..=60999;
+
+// ---------------------------------------------------------------------------
+// from_pod
+
+#[test]
+fn vxlan_lease_is_encapsulated_as_flannel_does() -> Result<()> {
+    with_datapath(|dp| {
+        let frame = pod_frame(VXLAN_POD, 64, 100);
+        let out = dp.run(PROG_FROM_POD, &frame)?;
+        ensure!(out.action == TC_ACT_REDIRECT, "action {}", out.action);
+        check_encap(&frame, &out.frame, PEER_IP, PEER_MAC, UPLINK_MAC)?;
+        ensure!(dp.counter(Counter::Encap)? == 1, "Encap counter");
+
+        // One flow, one outer source port: a flow stays on one underlay path.
+        let again = dp.run(PROG_FROM_POD, &frame)?;
+        ensure!(
+            again.frame[34..36] == out.frame[34..36],
+            "the outer source port changed between two packets of one flow"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn vxlan_to_unresolved_neighbour_lets_the_kernel_resolve_it() -> Result<()> {
+    with_datapath(|dp| {
+        let frame = pod_frame(UNRESOLVED_VXLAN_POD, 64, 100);
+        let out = dp.run(PROG_FROM_POD, &frame)?;
+        ensure!(out.action == TC_ACT_REDIRECT, "action {}", out.action);
+        // bpf_redirect_neigh fills in the outer MACs after ARP.
+        check_encap(&frame, &out.frame, UNRESOLVED_PEER_IP, [0; 6], [0; 6])?;
+        ensure!(dp.counter(Counter::Encap)? == 1, "Encap counter");
+        Ok(())
+    })
+}
+
+#[test]
+fn gso_packet_the_kernel_cannot_resize_is_passed_unchanged() -> Result<()> {
+    with_datapath(|dp| {
+        // A superpacket bigger than the tunnel MTU gets past the MTU check
+        // (GSO segments it later) to bpf_skb_adjust_room. BPF_PROG_TEST_RUN
+        // cannot set a gso_type, and the kernel refuses to grow GSO packets
+        // that are neither TCP nor UDP_L4: the program must leave such a
+        // packet to the kernel unchanged rather than drop it.
+        let frame = pod_frame(VXLAN_POD, 64, 2000);
+        let out = dp.run_gso(PROG_FROM_POD, &frame, 1400)?;
+        ensure!(out.action == TC_ACT_OK, "action {}", out.action);
+        ensure!(out.frame == frame, "the refused packet was changed");
+        ensure!(dp.counter(Counter::Passed)? == 1, "Passed counter");
+        ensure!(
+            dp.counter(Counter::DropHelperFailed)? == 0,
+            "DropHelperFailed counter"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn largest_packet_the_tunnel_carries_is_encapsulated() -> Result<()> {
+    with_datapath(|dp| {
+        let frame = pod_frame_of_ip_len(VXLAN_POD, 64, INNER_MTU as usize);
+        let out = dp.run(PROG_FROM_POD, &frame)?;
+        ensure!(out.action == TC_ACT_REDIRECT, "action {}", out.action);
+        check_encap(&frame, &out.frame, PEER_IP, PEER_MAC, UPLINK_MAC)?;
+        ensure!(
+            out.frame.len() == 14 + 1500,
+            "the encapsulated frame must fit the uplink MTU, is {} bytes",
+            out.frame.len()
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn direct_lease_is_routed_with_the_fib_neighbour() -> Result<()> {
+    with_datapath(|dp| {
+        let frame = pod_frame(DIRECT_POD, 64, 100);
+        let out = dp.run(PROG_FROM_POD, &frame)?;
+        ensure!(out.action == TC_ACT_REDIRECT, "action {}", out.action);
+        check_routed(&frame, &out.frame, PEER_MAC, UPLINK_MAC)?;
+        ensure!(dp.counter(Counter::DirectOut)? == 1, "DirectOut counter");
+        Ok(())
+    })
+}
+
+#[test]
+fn direct_lease_via_unresolved_gateway_keeps_macs_for_the_kernel() -> Result<()> {
+    with_datapath(|dp| {
+        let frame = pod_frame(UNRESOLVED_DIRECT_POD, 64, 100);
+        let out = dp.run(PROG_FROM_POD, &frame)?;
+        ensure!(out.action == TC_ACT_REDIRECT, "action {}", out.action);
+        // bpf_redirect_neigh replaces the Ethernet header once ARP resolves.
+        check_routed(
+            &frame,
+            &out.frame,
+            frame[0..6].try_into()?,
+            frame[6..12].try_into()?,
+        )?;
+        ensure!(dp.counter(Counter::DirectOut)? == 1, "DirectOut counter");
+        Ok(())
+    })
+}
+
+#[test]
+fn from_pod_passes_what_the_kernel_must_handle() -> Result<()> {
+    with_datapath(|dp| {
+        let mut oversize = pod_frame_of_ip_len(VXLAN_POD, 64, INNER_MTU as usize + 1);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("ARP", arp_frame()),
+            ("IPv6", ipv6_frame()),
+            (
+                "IPv4 to an address without lease",
+                pod_frame(UNLEASED_POD, 64, 100),
+            ),
+            ("IPv4 to the node", pod_frame(NODE_IP, 64, 100)),
+            ("TTL 1 (time exceeded)", pod_frame(VXLAN_POD, 1, 100)),
+            ("TTL 0", pod_frame(VXLAN_POD, 0, 100)),
+            ("TTL 1 on a direct lease", pod_frame(DIRECT_POD, 1, 100)),
+            (
+                "non-GSO packet over the tunnel MTU (fragmentation needed)",
+                std::mem::take(&mut oversize),
+            ),
+            (
+                "lease whose node has no route",
+                pod_frame(UNROUTABLE_POD, 64, 100),
+            ),
+            ("IHL 4", with_ihl(pod_frame(VXLAN_POD, 64, 100), 4)),
+            ("IHL 0", with_ihl(pod_frame(VXLAN_POD, 64, 100), 0)),
+            (
+                "IHL 15, header past the end",
+                with_ihl(pod_frame(VXLAN_POD, 64, 8), 15),
+            ),
+            (
+                "IPv4 version 6",
+                with_version(pod_frame(VXLAN_POD, 64, 100), 6),
+            ),
+            (
+                "IP total length beyond the frame",
+                with_total_len(pod_frame(VXLAN_POD, 64, 100), 200),
+            ),
+        ];
+        check_passed(dp, PROG_FROM_POD, &cases)
+    })
+}
+
+// ---------------------------------------------------------------------------
+// from_netdev
+
+#[test]
+fn vxlan_from_a_peer_is_decapsulated_into_the_pod() -> Result<()> {
+    with_datapath(|dp| {
+        let inner = inner_ip(LOCAL_POD, 63);
+        for (what, outer_options) in [("plain", &[][..]), ("outer IPv4 options", &[1, 1, 1, 0])] {
+            let frame = vxlan_frame(PEER_IP, 0x08, VNI, &peer_inner_frame(&inner), outer_options);
+            let out = dp.run(PROG_FROM_NETDEV, &frame)?;
+            ensure!(
+                out.action == TC_ACT_REDIRECT,
+                "{what}: action {}",
+                out.action
+            );
+            let expected = ethernet(LOCAL_POD_MAC, LOCAL_POD_HOST_MAC, ETH_P_IP, &inner);
+            ensure!(
+                out.frame == expected,
+                "{what}: the decapsulated frame differs\n got  {:02x?}\n want {:02x?}",
+                out.frame,
+                expected
+            );
+        }
+        ensure!(dp.counter(Counter::Decap)? == 2, "Decap counter");
+        Ok(())
+    })
+}
+
+#[test]
+fn vxlan_from_strangers_or_for_other_vnis_is_dropped() -> Result<()> {
+    with_datapath(|dp| {
+        let inner = peer_inner_frame(&inner_ip(LOCAL_POD, 63));
+        let cases = [
+            (
+                "from a host without lease",
+                vxlan_frame(STRANGER_IP, 0x08, VNI, &inner, &[]),
+                Counter::DropUnknownPeer,
+            ),
+            (
+                "another VNI",
+                vxlan_frame(PEER_IP, 0x08, VNI + 1, &inner, &[]),
+                Counter::DropWrongVni,
+            ),
+            (
+                "VNI flag clear",
+                vxlan_frame(PEER_IP, 0x00, VNI, &inner, &[]),
+                Counter::DropWrongVni,
+            ),
+            (
+                "VXLAN header cut short",
+                udp_to_node(PEER_IP, VXLAN_PORT, &[0x08, 0, 0, 0, 0, 0]),
+                Counter::DropMalformed,
+            ),
+            (
+                "inner Ethernet cut short",
+                vxlan_frame(PEER_IP, 0x08, VNI, &inner[..10], &[]),
+                Counter::DropMalformed,
+            ),
+            (
+                "inner IPv4 header cut short",
+                vxlan_frame(PEER_IP, 0x08, VNI, &inner[..14 + 12], &[]),
+                Counter::DropMalformed,
+            ),
+        ];
+        for (what, frame, reason) in cases {
+            let before = dp.counter(reason)?;
+            let out = dp.run(PROG_FROM_NETDEV, &frame)?;
+            ensure!(
+                out.action == TC_ACT_SHOT,
+                "{what}: action {}, expected TC_ACT_SHOT",
+                out.action
+            );
+            ensure!(
+                dp.counter(reason)? == before + 1,
+                "{what}: counter {} did not count the drop",
+                reason.name()
+            );
+        }
+        ensure!(
+            dp.counter(Counter::Decap)? == 0,
+            "nothing may be decapsulated"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn routed_packet_for_a_local_pod_is_delivered_into_it() -> Result<()> {
+    with_datapath(|dp| {
+        for (what, ip) in [
+            (
+                "ICMP",
+                ipv4(
+                    VXLAN_POD,
+                    LOCAL_POD,
+                    63,
+                    IPPROTO_ICMP,
+                    &[8, 0, 0xf7, 0xff, 0, 0, 0, 0],
+                ),
+            ),
+            (
+                "UDP to another port",
+                ipv4(
+                    VXLAN_POD,
+                    LOCAL_POD,
+                    63,
+                    IPPROTO_UDP,
+                    &udp(40000, 5201, b"hi"),
+                ),
+            ),
+        ] {
+            let frame = ethernet(UPLINK_MAC, PEER_MAC, ETH_P_IP, &ip);
+            let out = dp.run(PROG_FROM_NETDEV, &frame)?;
+            ensure!(
+                out.action == TC_ACT_REDIRECT,
+                "{what}: action {}",
+                out.action
+            );
+            check_routed(&frame, &out.frame, LOCAL_POD_MAC, LOCAL_POD_HOST_MAC)
+                .with_context(|| what.to_string())?;
+        }
+        ensure!(dp.counter(Counter::DirectIn)? == 2, "DirectIn counter");
+        Ok(())
+    })
+}
+
+#[test]
+fn from_netdev_passes_what_is_not_for_a_local_pod() -> Result<()> {
+    with_datapath(|dp| {
+        let to_other = peer_inner_frame(&inner_ip(OTHER_LOCAL_IP, 63));
+        let inner_arp = ethernet(OWN_VTEP_MAC, PEER_VTEP_MAC, ETH_P_ARP, &[0; 28]);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("ARP", arp_frame()),
+            ("IPv6", ipv6_frame()),
+            ("UDP to the node", udp_to_node(PEER_IP, 53, b"query")),
+            (
+                "VXLAN for an address without endpoint (the node's flannel.1)",
+                vxlan_frame(PEER_IP, 0x08, VNI, &to_other, &[]),
+            ),
+            (
+                "VXLAN carrying ARP",
+                vxlan_frame(PEER_IP, 0x08, VNI, &inner_arp, &[]),
+            ),
+            (
+                "routed packet for a local pod with TTL 1",
+                ethernet(
+                    UPLINK_MAC,
+                    PEER_MAC,
+                    ETH_P_IP,
+                    &ipv4(VXLAN_POD, LOCAL_POD, 1, IPPROTO_UDP, &udp(1, 2, b"x")),
+                ),
+            ),
+            (
+                "IHL 4",
+                with_ihl(vxlan_frame(PEER_IP, 0x08, VNI, &to_other, &[]), 4),
+            ),
+        ];
+        check_passed(dp, PROG_FROM_NETDEV, &cases)
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Both programs
+
+#[test]
+fn truncated_frames_pass_untouched_at_every_length() -> Result<()> {
+    with_datapath(|dp| {
+        let inner = peer_inner_frame(&inner_ip(LOCAL_POD, 63));
+        let frames = [
+            pod_frame(VXLAN_POD, 64, 40),
+            pod_frame(DIRECT_POD, 64, 40),
+            vxlan_frame(PEER_IP, 0x08, VNI, &inner, &[]),
+            ethernet(
+                UPLINK_MAC,
+                PEER_MAC,
+                ETH_P_IP,
+                &ipv4(
+                    VXLAN_POD,
+                    LOCAL_POD,
+                    63,
+                    IPPROTO_UDP,
+                    &udp(1, 2, b"payload"),
+                ),
+            ),
+        ];
+        let mut runs = 0;
+        for frame in &frames {
+            for len in 0..frame.len() {
+                let cut = &frame[..len];
+                for program in [PROG_FROM_POD, PROG_FROM_NETDEV] {
+                    let result = dp.run(program, cut);
+                    // The kernel builds no skb of an Ethernet header alone, and
+                    // newer kernels none of an IPv4 frame cut inside the IP header.
+                    if result.is_err() && len < 14 + 20 {
+                        continue;
+                    }
+                    let out = result.with_context(|| format!("{len} of {} bytes", frame.len()))?;
+                    ensure!(
+                        out.action == TC_ACT_OK && out.frame == cut,
+                        "{program}: {len} of {} bytes gave action {} (changed: {})",
+                        frame.len(),
+                        out.action,
+                        out.frame != cut
+                    );
+                    runs += 1;
+                }
+            }
+        }
+        ensure!(runs > 0, "the kernel ran none of the truncated frames");
+        ensure!(dp.counter(Counter::Passed)? == runs, "Passed counter");
+        Ok(())
+    })
+}
+
+#[test]
+fn programs_load_with_pinned_btf_maps() -> Result<()> {
+    with_datapath(|dp| {
+        for name in ALL_MAPS {
+            let pin = dp.bpffs.path().join(name);
+            ensure!(
+                pin.exists(),
+                "map {name} is not pinned at {}",
+                pin.display()
+            );
+        }
+        for name in [PROG_FROM_POD, PROG_FROM_NETDEV] {
+            let info = dp.program(name)?.info()?;
+            ensure!(info.btf_id().is_some(), "{name} was loaded without BTF");
+            eprintln!(
+                "{name}: {} instructions verified, {} translated",
+                info.verified_instruction_count().unwrap_or(0),
+                info.size_translated().unwrap_or(0) / 8
+            );
+        }
+        // The maps carry their key and value types: bpftool prints named fields.
+        let pin = dp.bpffs.path().join(MAP_LEASES);
+        let dump = Cmd::new([
+            "bpftool",
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            &pin.to_string_lossy(),
+        ])
+        .run()?;
+        ensure!(
+            dump.contains("\"vtep_mac\"") && dump.contains("\"public_ip\""),
+            "bpftool shows no LeaseEntry fields: {dump}"
+        );
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Checks
+
+/// `out` is `frame` encapsulated to `peer` with outer MACs `dst_mac`/`src_mac`,
+/// headers as flannel's kernel VXLAN device writes them, inner TTL one less.
+fn check_encap(
+    frame: &[u8],
+    out: &[u8],
+    peer: [u8; 4],
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+) -> Result<()> {
+    ensure!(
+        out.len() == frame.len() + VXLAN_OVERHEAD as usize,
+        "encapsulated length {} for a {}-byte frame",
+        out.len(),
+        frame.len()
+    );
+    ensure!(
+        out[0..6] == dst_mac,
+        "outer destination MAC {:02x?}",
+        &out[0..6]
+    );
+    ensure!(
+        out[6..12] == src_mac,
+        "outer source MAC {:02x?}",
+        &out[6..12]
+    );
+    ensure!(be16(&out[12..]) == ETH_P_IP, "outer EtherType");
+
+    let outer = &out[14..34];
+    ensure!(outer[0] == 0x45, "outer version/IHL {:#x}", outer[0]);
+    ensure!(outer[1] == 0, "outer TOS");
+    ensure!(
+        usize::from(be16(&outer[2..])) == out.len() - 14,
+        "outer total length"
+    );
+    ensure!(be16(&outer[4..]) == 0, "outer IP id");
+    ensure!(
+        be16(&outer[6..]) == 0,
+        "outer DF/fragment bits must be clear"
+    );
+    ensure!(outer[8] == 64, "outer TTL {}", outer[8]);
+    ensure!(outer[9] == IPPROTO_UDP, "outer protocol {}", outer[9]);
+    ensure!(
+        checksum(outer) == 0,
+        "outer IPv4 checksum is wrong: {outer:02x?}"
+    );
+    ensure!(
+        outer[12..16] == NODE_IP,
+        "outer source {:?}",
+        &outer[12..16]
+    );
+    ensure!(
+        outer[16..20] == peer,
+        "outer destination {:?}",
+        &outer[16..20]
+    );
+
+    let udp = &out[34..42];
+    ensure!(
+        SPORT_RANGE.contains(&be16(udp)),
+        "UDP source port {}",
+        be16(udp)
+    );
+    ensure!(
+        be16(&udp[2..]) == VXLAN_PORT,
+        "UDP destination port {}",
+        be16(&udp[2..])
+    );
+    ensure!(usize::from(be16(&udp[4..])) == out.len() - 34, "UDP length");
+    ensure!(be16(&udp[6..]) == 0, "UDP checksum must be 0");
+
+    ensure!(
+        out[42..50] == [0x08, 0, 0, 0, 0, 0, VNI as u8, 0],
+        "VXLAN header {:02x?}",
+        &out[42..50]
+    );
+    ensure!(
+        out[50..56] == PEER_VTEP_MAC,
+        "inner destination MAC (peer VTEP)"
+    );
+    ensure!(out[56..62] == OWN_VTEP_MAC, "inner source MAC (own VTEP)");
+    ensure!(be16(&out[62..]) == ETH_P_IP, "inner EtherType");
+    check_ttl_decremented(&frame[14..], &out[64..])
+}
+
+/// `out` is `frame` with the given MACs and TTL one less, all else unchanged.
+fn check_routed(frame: &[u8], out: &[u8], dst_mac: [u8; 6], src_mac: [u8; 6]) -> Result<()> {
+    ensure!(out.len() == frame.len(), "length changed");
+    ensure!(out[0..6] == dst_mac, "destination MAC {:02x?}", &out[0..6]);
+    ensure!(out[6..12] == src_mac, "source MAC {:02x?}", &out[6..12]);
+    ensure!(out[12..14] == frame[12..14], "EtherType changed");
+    check_ttl_decremented(&frame[14..], &out[14..])
+}
+
+/// `out` is the IPv4 packet `ip` with TTL one less and a valid checksum.
+fn check_ttl_decremented(ip: &[u8], out: &[u8]) -> Result<()> {
+    ensure!(out.len() == ip.len(), "IP packet length changed");
+    ensure!(out[8] == ip[8] - 1, "TTL {} after {}", out[8], ip[8]);
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    ensure!(
+        checksum(&out[..header_len]) == 0,
+        "IPv4 checksum wrong after the TTL decrement: {:02x?}",
+        &out[..header_len]
+    );
+    let unchanged = |packet: &[u8]| [&packet[..8], &packet[9..10], &packet[12..]].concat();
+    ensure!(
+        unchanged(out) == unchanged(ip),
+        "the IP packet changed beyond TTL and checksum"
+    );
+    Ok(())
+}
+
+/// Every case passes (TC_ACT_OK) untouched and counts as Passed.
+fn check_passed(dp: &Datapath, program: &str, cases: &[(&str, Vec<u8>)]) -> Result<()> {
+    for (what, frame) in cases {
+        let before = dp.counter(Counter::Passed)?;
+        let out = dp.run(program, frame)?;
+        ensure!(
+            out.action == TC_ACT_OK,
+            "{program}, {what}: action {}, expected TC_ACT_OK",
+            out.action
+        );
+        ensure!(
+            &out.frame == frame,
+            "{program}, {what}: a passed frame was changed"
+        );
+        ensure!(
+            dp.counter(Counter::Passed)? == before + 1,
+            "{program}, {what}: not counted as passed"
+        );
+    }
+    let sent: u64 = [
+        Counter::Encap,
+        Counter::DirectOut,
+        Counter::Decap,
+        Counter::DirectIn,
+    ]
+    .into_iter()
+    .map(|c| dp.counter(c))
+    .sum::<Result<u64>>()?;
+    ensure!(
+        sent == 0,
+        "{program} sent {sent} packets it should have passed"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The datapath under test
+
+/// The loaded programs and their maps, filled as the agent would for this
+/// test bed. Lives in the thread that entered the test namespace.
+struct Datapath {
+    ebpf: Ebpf,
+    bpffs: Bpffs,
+}
+
+struct Outcome {
+    action: u32,
+    frame: Vec<u8>,
+}
+
+impl Datapath {
+    fn load(uplink_ifindex: u32) -> Result<Self> {
+        let object = object_path();
+        let bytes = std::fs::read(&object).with_context(|| {
+            format!(
+                "cannot read the eBPF object {}: run `cargo xtask build-ebpf` first",
+                object.display()
+            )
+        })?;
+        let bpffs = Bpffs::mount()?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(bpffs.path())
+            .load(&bytes)
+            .context("loading the eBPF object")?;
+        for name in [PROG_FROM_POD, PROG_FROM_NETDEV] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the object has no program {name}"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the verifier rejected {name}"))?;
+        }
+        let mut datapath = Datapath { ebpf, bpffs };
+        datapath.fill_maps(uplink_ifindex)?;
+        Ok(datapath)
+    }
+
+    fn fill_maps(&mut self, uplink_ifindex: u32) -> Result<()> {
+        let mut config: Array<_, DataplaneConfig> = Array::try_from(self.map(MAP_CONFIG)?)?;
+        config.set(
+            0,
+            DataplaneConfig {
+                vni: VNI,
+                vxlan_port: VXLAN_PORT,
+                _pad: 0,
+                node_ip: NODE_IP,
+                uplink_ifindex,
+                inner_mtu: INNER_MTU,
+                vtep_mac: OWN_VTEP_MAC,
+                _pad2: [0; 2],
+            },
+            0,
+        )?;
+
+        let mut leases: LpmTrie<_, [u8; 4], LeaseEntry> = LpmTrie::try_from(self.map(MAP_LEASES)?)?;
+        for (pod, public_ip, mode) in [
+            (VXLAN_POD, PEER_IP, LEASE_VXLAN),
+            (DIRECT_POD, PEER_IP, LEASE_DIRECT),
+            (UNRESOLVED_VXLAN_POD, UNRESOLVED_PEER_IP, LEASE_VXLAN),
+            (UNRESOLVED_DIRECT_POD, UNRESOLVED_PEER_IP, LEASE_DIRECT),
+            (UNROUTABLE_POD, UNROUTABLE_PEER_IP, LEASE_VXLAN),
+        ] {
+            let subnet = [pod[0], pod[1], pod[2], 0];
+            let lease = LeaseEntry {
+                public_ip,
+                mode,
+                vtep_mac: PEER_VTEP_MAC,
+                _pad: [0; 2],
+            };
+            leases.insert(&Key::new(24, subnet), lease, 0)?;
+        }
+
+        let mut peers: HashMap<_, PeerKey, PeerEntry> = HashMap::try_from(self.map(MAP_PEERS)?)?;
+        for public_ip in [PEER_IP, UNRESOLVED_PEER_IP, UNROUTABLE_PEER_IP] {
+            peers.insert(PeerKey { public_ip }, PeerEntry { leases: 1 }, 0)?;
+        }
+
+        let mut endpoints: HashMap<_, EndpointKey, EndpointEntry> =
+            HashMap::try_from(self.map(MAP_ENDPOINTS)?)?;
+        endpoints.insert(
+            EndpointKey { pod_ip: LOCAL_POD },
+            EndpointEntry {
+                ifindex: LOCAL_POD_IFINDEX,
+                pod_mac: LOCAL_POD_MAC,
+                host_mac: LOCAL_POD_HOST_MAC,
+            },
+            0,
+        )?;
+        Ok(())
+    }
+
+    fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("the object has no map {name}"))
+    }
+
+    fn program(&self, name: &str) -> Result<&SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("the object has no program {name}"))?
+            .try_into()?)
+    }
+
+    fn run(&self, program: &str, frame: &[u8]) -> Result<Outcome> {
+        self.run_with_context(program, frame, None)
+    }
+
+    /// Runs `program` on `frame` as a GSO packet of `gso_size`-byte segments.
+    fn run_gso(&self, program: &str, frame: &[u8], gso_size: u32) -> Result<Outcome> {
+        // struct __sk_buff: gso_segs at byte 164, gso_size at 176 (uapi/linux/bpf.h).
+        let mut skb = [0u8; 192];
+        let segments = (frame.len() as u32).div_ceil(gso_size);
+        skb[164..168].copy_from_slice(&segments.to_ne_bytes());
+        skb[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+        self.run_with_context(program, frame, Some(&skb))
+    }
+
+    fn run_with_context(&self, program: &str, frame: &[u8], skb: Option<&[u8]>) -> Result<Outcome> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .program(program)?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: skb,
+                ..TestRunOptions::default()
+            })
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
+        out.truncate(result.data_size_out as usize);
+        Ok(Outcome {
+            action: result.return_value,
+            frame: out,
+        })
+    }
+
+    /// `counter` summed over CPUs.
+    fn counter(&self, counter: Counter) -> Result<u64> {
+        let map = self
+            .ebpf
+            .map(MAP_COUNTERS)
+            .with_context(|| format!("the object has no map {MAP_COUNTERS}"))?;
+        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+        Ok(counters.get(&counter.index(), 0)?.iter().sum())
+    }
+}
+
+/// Builds the test bed, loads the datapath inside it and runs `check`.
+fn with_datapath<F>(check: F) -> Result<()>
+where
+    F: FnOnce(&Datapath) -> Result<()> + Send + 'static,
+{
+    let bed = TestBed::create()?;
+    icmp::in_netns(&bed.namespace, move || {
+        let uplink = CString::new(UPLINK)?;
+        // SAFETY: if_nametoindex(3) on a valid C string.
+        let uplink_ifindex = unsafe { libc::if_nametoindex(uplink.as_ptr()) };
+        ensure!(uplink_ifindex != 0, "no {UPLINK} in the test namespace");
+        let datapath = Datapath::load(uplink_ifindex)?;
+        check(&datapath)
+    })
+}
+
+/// A namespace holding the node's uplink `up0` (its veth peer `up1` stays
+/// without address, so the peer's addresses are remote), a permanent
+/// neighbour for the peer, routes for the direct leases, and forwarding on
+/// (the FIB helper refuses to route for interfaces that do not forward).
+struct TestBed {
+    namespace: String,
+}
+
+impl TestBed {
+    fn create() -> Result<Self> {
+        let prefix = netns::unique_prefix();
+        netns::sweep_leftovers(&prefix, &std::env::temp_dir());
+        let bed = TestBed {
+            namespace: format!("{prefix}bpf"),
+        };
+        netns::add(&bed.namespace)?;
+        let ns = bed.namespace.as_str();
+        let mac = |mac: [u8; 6]| {
+            mac.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        ip(ns, &format!("link add {UPLINK} type veth peer name up1"))?;
+        ip(
+            ns,
+            &format!("link set {UPLINK} address {}", mac(UPLINK_MAC)),
+        )?;
+        ip(
+            ns,
+            &format!("addr add {}/24 dev {UPLINK}", Ipv4Addr::from(NODE_IP)),
+        )?;
+        ip(ns, &format!("link set {UPLINK} up"))?;
+        ip(ns, "link set up1 up")?;
+        ip(
+            ns,
+            &format!(
+                "neigh replace {} lladdr {} dev {UPLINK} nud permanent",
+                Ipv4Addr::from(PEER_IP),
+                mac(PEER_MAC)
+            ),
+        )?;
+        for (pod, gateway) in [
+            (DIRECT_POD, PEER_IP),
+            (UNRESOLVED_DIRECT_POD, UNRESOLVED_PEER_IP),
+        ] {
+            let subnet = Ipv4Addr::from([pod[0], pod[1], pod[2], 0]);
+            let gateway = Ipv4Addr::from(gateway);
+            ip(
+                ns,
+                &format!("route add {subnet}/24 via {gateway} dev {UPLINK}"),
+            )?;
+        }
+        Cmd::new(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            .netns(ns)
+            .run()?;
+        Ok(bed)
+    }
+}
+
+impl Drop for TestBed {
+    fn drop(&mut self) {
+        let _ = netns::delete(&self.namespace);
+    }
+}
+
+/// A private bpffs instance for the maps the object pins by name (the
+/// machine has none at /sys/fs/bpf, and a test must not touch one that
+/// exists). Unmounting it on drop releases the pins.
+struct Bpffs {
+    dir: tempfile::TempDir,
+}
+
+impl Bpffs {
+    fn mount() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("weft-bpffs-").tempdir()?;
+        let target = CString::new(dir.path().as_os_str().as_encoded_bytes())?;
+        // SAFETY: mount(2) with valid C strings and no data.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                target.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "mounting bpffs at {}: {}",
+                dir.path().display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(Bpffs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        if let Ok(target) = CString::new(self.dir.path().as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2(2) on the directory this guard mounted.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+fn object_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bpf/weft.bpf.o")
+}
+
+// ---------------------------------------------------------------------------
+// Frames
+
+/// A UDP packet from the local pod to `dst` with `payload_len` payload bytes,
+/// as it enters the pod's host-side veth (addressed to the bridge gateway).
+fn pod_frame(dst: [u8; 4], ttl: u8, payload_len: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..payload_len).map(|i| i as u8).collect();
+    let ip = ipv4(
+        LOCAL_POD,
+        dst,
+        ttl,
+        IPPROTO_UDP,
+        &udp(40000, 5201, &payload),
+    );
+    ethernet(GATEWAY_MAC, LOCAL_POD_MAC, ETH_P_IP, &ip)
+}
+
+/// A pod frame whose IPv4 packet is exactly `ip_len` bytes long.
+fn pod_frame_of_ip_len(dst: [u8; 4], ttl: u8, ip_len: usize) -> Vec<u8> {
+    pod_frame(dst, ttl, ip_len - 20 - 8)
+}
+
+/// An IPv4 packet from a pod of the peer to `dst`.
+fn inner_ip(dst: [u8; 4], ttl: u8) -> Vec<u8> {
+    ipv4(
+        VXLAN_POD,
+        dst,
+        ttl,
+        IPPROTO_UDP,
+        &udp(5201, 40000, b"inner payload"),
+    )
+}
+
+/// `ip` as the peer's flannel.<VNI> frames it: between the two VTEP MACs.
+fn peer_inner_frame(ip: &[u8]) -> Vec<u8> {
+    ethernet(OWN_VTEP_MAC, PEER_VTEP_MAC, ETH_P_IP, ip)
+}
+
+/// A VXLAN packet from `src` to this node carrying `inner`, with a UDP
+/// checksum as kernel VXLAN devices send it, and optional outer IP options.
+fn vxlan_frame(src: [u8; 4], flags: u8, vni: u32, inner: &[u8], options: &[u8]) -> Vec<u8> {
+    let mut vxlan = vec![flags, 0, 0, 0];
+    vxlan.extend_from_slice(&(vni << 8).to_be_bytes());
+    vxlan.extend_from_slice(inner);
+    let mut datagram = udp(45678, VXLAN_PORT, &vxlan);
+    datagram[6..8].copy_from_slice(&[0x12, 0x34]);
+    let ip = ipv4_with_options(src, NODE_IP, 64, IPPROTO_UDP, options, &datagram);
+    ethernet(UPLINK_MAC, PEER_MAC, ETH_P_IP, &ip)
+}
+
+/// A UDP datagram from `src` to this node's port `dport`.
+fn udp_to_node(src: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+    let ip = ipv4(src, NODE_IP, 64, IPPROTO_UDP, &udp(45678, dport, payload));
+    ethernet(UPLINK_MAC, PEER_MAC, ETH_P_IP, &ip)
+}
+
+fn arp_frame() -> Vec<u8> {
+    let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    arp.extend_from_slice(&LOCAL_POD_MAC);
+    arp.extend_from_slice(&LOCAL_POD);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&VXLAN_POD);
+    ethernet([0xff; 6], LOCAL_POD_MAC, ETH_P_ARP, &arp)
+}
+
+fn ipv6_frame() -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0, 0, 8, IPPROTO_UDP, 64];
+    ip.extend_from_slice(&[0xfd; 32]);
+    ip.extend_from_slice(&udp(1, 2, b""));
+    ethernet(GATEWAY_MAC, LOCAL_POD_MAC, ETH_P_IPV6, &ip)
+}
+
+fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    [&dst[..], &src[..], &ethertype.to_be_bytes(), payload].concat()
+}
+
+fn ipv4(src: [u8; 4], dst: [u8; 4], ttl: u8, protocol: u8, payload: &[u8]) -> Vec<u8> {
+    ipv4_with_options(src, dst, ttl, protocol, &[], payload)
+}
+
+/// An IPv4 packet (DF set, as pods send) with a valid header checksum.
+fn ipv4_with_options(
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    protocol: u8,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0, "IPv4 options come in 32-bit words");
+    let header_len = 20 + options.len();
+    let total = (header_len + payload.len()) as u16;
+    let mut ip = vec![0x40 | (header_len / 4) as u8, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, ttl, protocol, 0, 0]);
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    ip.extend_from_slice(options);
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip.extend_from_slice(payload);
+    ip
+}
+
+/// A UDP datagram; its checksum is an arbitrary fixed value, which the
+/// programs must carry through untouched.
+fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let len = (8 + payload.len()) as u16;
+    [
+        &sport.to_be_bytes()[..],
+        &dport.to_be_bytes(),
+        &len.to_be_bytes(),
+        &[0xab, 0xcd],
+        payload,
+    ]
+    .concat()
+}
+
+fn with_ihl(mut frame: Vec<u8>, ihl: u8) -> Vec<u8> {
+    frame[14] = (frame[14] & 0xf0) | ihl;
+    frame
+}
+
+fn with_version(mut frame: Vec<u8>, version: u8) -> Vec<u8> {
+    frame[14] = (version << 4) | (frame[14] & 0x0f);
+    frame
+}
+
+fn with_total_len(mut frame: Vec<u8>, extra: u16) -> Vec<u8> {
+    let total = be16(&frame[16..]) + extra;
+    frame[16..18].copy_from_slice(&total.to_be_bytes());
+    frame
+}
+
+/// The Internet checksum (RFC 1071): 0 over a header that carries a valid one.
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn be16(bytes: &[u8]) -> u16 {
+    u16::from_be_bytes([bytes[0], bytes[1]])
+}
