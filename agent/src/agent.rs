@@ -9,7 +9,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::{error, info, info_span, warn, Instrument};
 
-use crate::backend::{self, Backend};
+use crate::backend::netlink as nl;
+use crate::backend::Backend;
+use crate::bpf::{self, BpfOptions};
 use crate::config::{AgentArgs, NetConf};
 use crate::iface::{self, IfaceSelection};
 use crate::lease::{subnet_key, Lease, LeaseEvent, LeaseWatchEvent};
@@ -20,6 +22,9 @@ use crate::subnet_env::SubnetEnv;
 
 /// Runs `weft agent` until a signal or a fatal error.
 pub async fn run(args: AgentArgs) -> Result<()> {
+    if args.cleanup {
+        return cleanup(&args).await;
+    }
     if args.kube_subnet_mgr {
         bail!("--kube-subnet-mgr is not available in this build of weft yet: use the etcd subnet manager (--etcd-endpoints, --etcd-prefix)");
     }
@@ -36,7 +41,16 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let ext = iface::select_ext_iface(&handle, &iface_selection(&args)).await?;
     info!(iface = %ext.name, addr = %ext.addr, public_ip = %ext.public_ip, mtu = ext.mtu, "using interface");
 
-    let mut dataplane = backend::kernel_backend(&conf, &ext, handle.clone());
+    let (mut dataplane, why) = bpf::select_dataplane(
+        args.dataplane,
+        bpf::EMBEDDED_OBJECT,
+        &conf,
+        &ext,
+        handle.clone(),
+        &bpf_options(&args),
+    )
+    .await?;
+    info!("dataplane: {why}");
     let previous = subnets.previous_lease(ext.public_ip).await?;
     let attrs = dataplane.register(previous.as_ref()).await?;
     let own = subnets.acquire_lease(&attrs).await?;
@@ -131,6 +145,105 @@ async fn resync_dataplane(dataplane: &mut dyn Backend, leases: &BTreeMap<Ipv4Net
     let all: Vec<Lease> = leases.values().cloned().collect();
     if let Err(e) = dataplane.resync(&all).await {
         error!("resync failed (retrying at the next interval): {e:#}");
+    }
+}
+
+/// `weft agent --cleanup`: removes everything weft installed on this node, and nothing
+/// else. Works from node-local facts only (no etcd), so it also works when the cluster is
+/// gone: the network comes from subnet.env, the VXLAN devices are the `flannel.<VNI>` ones.
+pub async fn cleanup(args: &AgentArgs) -> Result<()> {
+    let (connection, handle, _) =
+        rtnetlink::new_connection().context("opening a netlink socket")?;
+    tokio::spawn(connection);
+    let mut failures = Vec::new();
+    let mut step = |what: &str, result: Result<()>| {
+        if let Err(e) = result {
+            error!("cleanup: {what} failed: {e:#}");
+            failures.push(what.to_string());
+        }
+    };
+
+    step(
+        "removing the eBPF programs and pinned maps",
+        bpf::remove_leftovers(&handle, &args.bpf_dir).await,
+    );
+    step(
+        "removing flannel.<VNI>",
+        remove_vxlan_devices(&handle).await,
+    );
+    step(
+        "removing the routes to other nodes' subnets",
+        remove_lease_routes(&handle, args).await,
+    );
+    step(
+        "removing the masquerade and forward rules",
+        masq::remove_all().map(|()| info!("cleanup: removed weft's masquerade and forward rules")),
+    );
+    step(
+        "removing subnet.env",
+        match std::fs::remove_file(&args.subnet_file) {
+            Ok(()) => {
+                info!("cleanup: removed {}", args.subnet_file.display());
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => {
+                Err(e).with_context(|| format!("--subnet-file {}", args.subnet_file.display()))
+            }
+        },
+    );
+    if !failures.is_empty() {
+        bail!(
+            "cleanup incomplete: {} (see the errors above)",
+            failures.join(", ")
+        );
+    }
+    info!("cleanup: done");
+    Ok(())
+}
+
+/// Deletes the VXLAN devices called `flannel.<number>` (flannel's and weft's naming).
+async fn remove_vxlan_devices(handle: &rtnetlink::Handle) -> Result<()> {
+    for link in nl::links(handle).await? {
+        let ours = link
+            .name
+            .strip_prefix("flannel.")
+            .is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()));
+        if ours && link.kind == Some(netlink_packet_route::link::InfoKind::Vxlan) {
+            nl::delete_link(handle, link.index).await?;
+            info!("cleanup: deleted {}", link.name);
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the routes host-gw (or vxlan DirectRouting) programs: inside the pod network
+/// (from subnet.env), through the uplink, with a gateway.
+async fn remove_lease_routes(handle: &rtnetlink::Handle, args: &AgentArgs) -> Result<()> {
+    let env = match std::fs::read_to_string(&args.subnet_file) {
+        Ok(text) => SubnetEnv::parse(&text)
+            .with_context(|| format!("--subnet-file {}", args.subnet_file.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            warn!(
+                "cleanup: no {} (--subnet-file): the pod network is unknown, routes to other nodes are left in place",
+                args.subnet_file.display()
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", args.subnet_file.display())),
+    };
+    let ext = iface::select_ext_iface(handle, &iface_selection(args)).await?;
+    let table = nl::routes(handle).await?;
+    for dst in nl::prune_routes(handle, &table, env.network, ext.index, |_| false).await? {
+        info!("cleanup: removed the route to {dst} via {}", ext.name);
+    }
+    Ok(())
+}
+
+fn bpf_options(args: &AgentArgs) -> BpfOptions {
+    BpfOptions {
+        dir: args.bpf_dir.clone(),
+        pod_bridge: args.pod_bridge.clone(),
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod bpf;
 pub mod cni;
 pub mod config;
 pub mod iface;

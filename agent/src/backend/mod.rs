@@ -37,9 +37,22 @@ pub trait Backend: Send {
 }
 
 /// Builds the kernel backend the config asks for.
-pub fn kernel_backend(conf: &NetConf, ext: &ExtIface, handle: rtnetlink::Handle) -> Box<dyn Backend> {
+pub fn kernel_backend(
+    conf: &NetConf,
+    ext: &ExtIface,
+    handle: rtnetlink::Handle,
+) -> Box<dyn Backend> {
     match &conf.backend {
-        BackendConf::Vxlan(vx) => Box::new(vxlan::VxlanBackend::new(vx.clone(), conf.network, ext.clone(), handle)),
-        BackendConf::HostGw => Box::new(hostgw::HostGwBackend::new(conf.network, ext.clone(), handle)),
+        BackendConf::Vxlan(vx) => Box::new(vxlan::VxlanBackend::new(
+            vx.clone(),
+            conf.network,
+            ext.clone(),
+            handle,
+        )),
+        BackendConf::HostGw => Box::new(hostgw::HostGwBackend::new(
+            conf.network,
+            ext.clone(),
+            handle,
+        )),
     }
 }

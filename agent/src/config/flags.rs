@@ -150,6 +150,25 @@ pub struct AgentArgs {
     /// How often to repair drift in routes, neighbours and devices, in seconds.
     #[arg(long, env = "WEFT_RESYNC_INTERVAL", default_value_t = 10)]
     pub resync_interval: u64,
+
+    /// Dataplane: the eBPF fast path on top of the kernel path if the kernel accepts the
+    /// programs (auto), required (bpf), or the kernel path only (kernel).
+    #[arg(long, env = "WEFT_DATAPLANE", value_enum, default_value = "auto")]
+    pub dataplane: crate::bpf::DataplaneChoice,
+
+    /// Directory on a BPF filesystem where weft pins its maps (bpffs is mounted at
+    /// /sys/fs/bpf if it is missing and the directory is below it).
+    #[arg(long, env = "WEFT_BPF_DIR", default_value = crate::bpf::DEFAULT_BPF_DIR)]
+    pub bpf_dir: PathBuf,
+
+    /// The bridge pods are attached to: its ports get the eBPF program `from_pod`.
+    #[arg(long, env = "WEFT_POD_BRIDGE", default_value = "cni0")]
+    pub pod_bridge: String,
+
+    /// Remove everything weft installed on this node (eBPF programs and pins, flannel.<VNI>,
+    /// host-gw routes, masquerade and forward rules, subnet.env) and exit.
+    #[arg(long, action = go_bool!(), num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
+    pub cleanup: bool,
 }
 
 #[cfg(test)]
@@ -189,6 +208,10 @@ mod tests {
         assert_eq!(a.healthz_port, 0);
         assert!(!a.ip_masq && !a.kube_subnet_mgr && !a.ip_blackhole_route);
         assert!(a.iptables_forward_rules && a.set_node_network_unavailable);
+        assert_eq!(a.dataplane, crate::bpf::DataplaneChoice::Auto);
+        assert_eq!(a.bpf_dir, PathBuf::from("/sys/fs/bpf/weft"));
+        assert_eq!(a.pod_bridge, "cni0");
+        assert!(!a.cleanup);
 
         // Go-style booleans and repeatable interfaces, in order.
         let a = parse(&[
@@ -241,5 +264,10 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("--firewall") && e.contains("nftables"), "{e}");
+        let e = Cli::try_parse_from(["weft", "--dataplane", "xdp"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("--dataplane") && e.contains("bpf"), "{e}");
     }
 }

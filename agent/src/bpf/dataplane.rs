@@ -1,0 +1,398 @@
+//! `BpfDataplane`: the eBPF fast path on top of a kernel backend.
+//!
+//! The kernel backend (flannel.<VNI> + neighbours/FDB/routes, or host-gw routes) stays
+//! installed exactly as in kernel mode: host traffic, unknown endpoints and everything the
+//! programs pass go through it, nodes without BPF interoperate, and falling back is trivial.
+//! On top of it the maps mirror what the kernel backend decided: a lease is in `leases`
+//! exactly when the kernel backend routes it, in the mode its route says (through
+//! flannel.<VNI>: VXLAN; through the uplink: direct).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, MapError};
+use aya::Ebpf;
+use ipnetwork::Ipv4Network;
+use rtnetlink::Handle;
+use tracing::{debug, info, warn};
+
+use weft_common::{
+    DataplaneConfig, EndpointEntry, EndpointKey, LeaseEntry, PeerEntry, PeerKey, LEASE_DIRECT,
+    LEASE_VXLAN, MAP_CONFIG, MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS, PROG_FROM_NETDEV,
+    VXLAN_OVERHEAD,
+};
+
+use super::endpoints::PodWatcher;
+use super::{read_counters, tc, BpfOptions};
+use crate::backend::netlink::{self as nl, KernelRoute};
+use crate::backend::Backend;
+use crate::config::{BackendConf, NetConf, VxlanConf};
+use crate::iface::ExtIface;
+use crate::lease::{Lease, LeaseAttrs, LeaseEvent};
+
+pub(crate) type LeaseMap = LpmTrie<MapData, [u8; 4], LeaseEntry>;
+pub(crate) type PeerMap = HashMap<MapData, PeerKey, PeerEntry>;
+pub(crate) type EndpointMap = HashMap<MapData, EndpointKey, EndpointEntry>;
+type ConfigMap = Array<MapData, DataplaneConfig>;
+
+/// Takes map `name` out of `ebpf` as a typed handle.
+pub(crate) fn take_map<M>(ebpf: &mut Ebpf, name: &str) -> Result<M>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("the eBPF object has no map {name}"))?;
+    M::try_from(map).with_context(|| format!("map {name} does not have the expected type"))
+}
+
+pub struct BpfDataplane {
+    kernel: Box<dyn Backend>,
+    /// The loaded programs (shared with the pod watcher, which attaches `from_pod`).
+    ebpf: Arc<Mutex<Ebpf>>,
+    leases: LeaseMap,
+    peers: PeerMap,
+    config: ConfigMap,
+    /// Handed to the pod watcher when the node's own lease is known.
+    endpoints: Option<EndpointMap>,
+    /// What `leases` holds, as this process wrote or last read it.
+    programmed: BTreeMap<Ipv4Network, LeaseEntry>,
+    vxlan: Option<VxlanConf>,
+    ext: ExtIface,
+    handle: Handle,
+    options: BpfOptions,
+    own: Option<Ipv4Network>,
+    watcher: Option<PodWatcher>,
+    /// Whether `from_netdev` was attached to the uplink by this process.
+    uplink_attached: bool,
+}
+
+impl BpfDataplane {
+    /// Wraps `kernel` with the maps and programs of `ebpf` (from [`super::object::load`]).
+    pub fn new(
+        kernel: Box<dyn Backend>,
+        mut ebpf: Ebpf,
+        conf: &NetConf,
+        ext: &ExtIface,
+        handle: Handle,
+        options: BpfOptions,
+    ) -> Result<Self> {
+        let leases: LeaseMap = take_map(&mut ebpf, MAP_LEASES)?;
+        let peers: PeerMap = take_map(&mut ebpf, MAP_PEERS)?;
+        let config: ConfigMap = take_map(&mut ebpf, MAP_CONFIG)?;
+        let endpoints: EndpointMap = take_map(&mut ebpf, MAP_ENDPOINTS)?;
+        let programmed = read_leases(&leases)?;
+        if !programmed.is_empty() {
+            info!(
+                leases = programmed.len(),
+                "adopted the BPF maps of the previous run under {}",
+                options.dir.display()
+            );
+        }
+        Ok(BpfDataplane {
+            kernel,
+            ebpf: Arc::new(Mutex::new(ebpf)),
+            leases,
+            peers,
+            config,
+            endpoints: Some(endpoints),
+            programmed,
+            vxlan: match &conf.backend {
+                BackendConf::Vxlan(vx) => Some(vx.clone()),
+                BackendConf::HostGw => None,
+            },
+            ext: ext.clone(),
+            handle,
+            options,
+            own: None,
+            watcher: None,
+            uplink_attached: false,
+        })
+    }
+
+    fn write_config(&mut self, attrs: &LeaseAttrs) -> Result<()> {
+        let (vni, port, inner_mtu) = match &self.vxlan {
+            Some(vx) => (vx.vni, vx.port, self.ext.mtu.saturating_sub(VXLAN_OVERHEAD)),
+            None => (0, 0, self.ext.mtu),
+        };
+        let config = DataplaneConfig {
+            vni,
+            vxlan_port: port,
+            _pad: 0,
+            node_ip: self.ext.addr.octets(),
+            uplink_ifindex: self.ext.index,
+            inner_mtu,
+            vtep_mac: attrs.vxlan().map(|d| d.vtep_mac.0).unwrap_or_default(),
+            _pad2: [0; 2],
+        };
+        self.config
+            .set(0, config, 0)
+            .context("writing the BPF dataplane config")?;
+        debug!(?config, "BPF dataplane config written");
+        Ok(())
+    }
+
+    /// The lease entries the kernel backend's routes call for, for `leases`. (`&mut`
+    /// only because `&Self` is not `Send`: the kernel backend is not `Sync`.)
+    async fn wanted_entries(
+        &mut self,
+        leases: &[Lease],
+    ) -> Result<BTreeMap<Ipv4Network, LeaseEntry>> {
+        let table = nl::routes(&self.handle).await?;
+        let overlay_dev = match &self.vxlan {
+            Some(vx) => nl::link_by_name(&self.handle, &format!("flannel.{}", vx.vni))
+                .await?
+                .map(|l| l.index),
+            None => None,
+        };
+        Ok(leases
+            .iter()
+            .filter(|l| Some(l.subnet) != self.own)
+            .filter_map(|lease| {
+                let mode = mode_of(&table, lease.subnet, self.ext.index, overlay_dev)?;
+                Some((
+                    lease.subnet,
+                    LeaseEntry {
+                        public_ip: lease.attrs.public_ip.octets(),
+                        mode,
+                        vtep_mac: lease
+                            .attrs
+                            .vxlan()
+                            .map(|d| d.vtep_mac.0)
+                            .unwrap_or_default(),
+                        _pad: [0; 2],
+                    },
+                ))
+            })
+            .collect())
+    }
+
+    /// Puts `entry` (or nothing) in `leases` for `subnet`, and fixes the peer counts.
+    fn set_lease(&mut self, subnet: Ipv4Network, entry: Option<LeaseEntry>) -> Result<()> {
+        let old = self.programmed.get(&subnet).copied();
+        if old == entry {
+            return Ok(());
+        }
+        let key = lease_key(subnet);
+        match entry {
+            Some(entry) => {
+                self.leases
+                    .insert(&key, entry, 0)
+                    .with_context(|| format!("adding {subnet} to the BPF lease map"))?;
+                self.programmed.insert(subnet, entry);
+                debug!(%subnet, node = %Ipv4Addr::from(entry.public_ip), mode = mode_name(entry.mode), "BPF lease set");
+            }
+            None => {
+                remove_ok(self.leases.remove(&key))
+                    .with_context(|| format!("removing {subnet} from the BPF lease map"))?;
+                self.programmed.remove(&subnet);
+                debug!(%subnet, "BPF lease removed");
+            }
+        }
+        let counts = peer_counts(&self.programmed);
+        for ip in [old, entry].into_iter().flatten().map(|e| e.public_ip) {
+            let key = PeerKey { public_ip: ip };
+            match counts.get(&ip) {
+                Some(&leases) => self.peers.insert(key, PeerEntry { leases }, 0),
+                None => remove_ok(self.peers.remove(&key)),
+            }
+            .with_context(|| format!("updating peer {} in the BPF peer map", Ipv4Addr::from(ip)))?;
+        }
+        Ok(())
+    }
+
+    /// Makes `leases` and `peers` hold exactly `wanted` (and its peer counts).
+    fn sync_maps(&mut self, wanted: BTreeMap<Ipv4Network, LeaseEntry>) -> Result<()> {
+        let actual = read_leases(&self.leases)?;
+        for (subnet, entry) in &actual {
+            if !wanted.contains_key(subnet) {
+                remove_ok(self.leases.remove(&lease_key(*subnet)))?;
+                info!("resync: removed {subnet} from the BPF lease map: no lease routes it (entry {entry:?})");
+            }
+        }
+        for (subnet, entry) in &wanted {
+            if actual.get(subnet) != Some(entry) {
+                self.leases.insert(&lease_key(*subnet), *entry, 0)?;
+                if actual.contains_key(subnet) {
+                    info!("resync: corrected {subnet} in the BPF lease map");
+                }
+            }
+        }
+        let counts = peer_counts(&wanted);
+        let actual_peers: BTreeMap<[u8; 4], u32> = self
+            .peers
+            .iter()
+            .map(|r| r.map(|(k, v)| (k.public_ip, v.leases)))
+            .collect::<Result<_, _>>()
+            .context("reading the BPF peer map")?;
+        for ip in actual_peers.keys() {
+            if !counts.contains_key(ip) {
+                remove_ok(self.peers.remove(&PeerKey { public_ip: *ip }))?;
+            }
+        }
+        for (ip, &leases) in &counts {
+            if actual_peers.get(ip) != Some(&leases) {
+                self.peers
+                    .insert(PeerKey { public_ip: *ip }, PeerEntry { leases }, 0)?;
+            }
+        }
+        self.programmed = wanted;
+        Ok(())
+    }
+
+    /// Attaches `from_netdev` to the uplink unless it already runs there.
+    async fn ensure_uplink_program(&mut self) -> Result<()> {
+        let (index, name) = (self.ext.index, &self.ext.name);
+        if let Some(how) =
+            tc::ensure_attached(&self.handle, &self.ebpf, PROG_FROM_NETDEV, index, name).await?
+        {
+            if self.uplink_attached {
+                warn!(
+                    "resync: re-attached {PROG_FROM_NETDEV} to {}: its TC filter was gone",
+                    self.ext.name
+                );
+            } else {
+                info!(
+                    "attached {PROG_FROM_NETDEV} to the TC ingress of {} ({how})",
+                    self.ext.name
+                );
+            }
+        }
+        self.uplink_attached = true;
+        Ok(())
+    }
+
+    fn log_counters(&self) {
+        match read_counters(&self.options.dir) {
+            Ok(counters) => {
+                let summary: Vec<String> = counters
+                    .iter()
+                    .map(|(c, n)| format!("{}={n}", c.name()))
+                    .collect();
+                debug!("BPF counters: {}", summary.join(" "));
+            }
+            Err(e) => debug!("reading the BPF counters failed: {e:#}"),
+        }
+    }
+}
+
+/// How the kernel backend reaches `subnet`, from its route: `None` if it does not route it.
+fn mode_of(
+    table: &[KernelRoute],
+    subnet: Ipv4Network,
+    uplink: u32,
+    overlay_dev: Option<u32>,
+) -> Option<u32> {
+    let route = table
+        .iter()
+        .find(|r| r.dst == subnet && r.gateway.is_some() && r.metric == 0)?;
+    match route.oif {
+        Some(oif) if oif == uplink => Some(LEASE_DIRECT),
+        Some(oif) if Some(oif) == overlay_dev => Some(LEASE_VXLAN),
+        _ => None,
+    }
+}
+
+fn mode_name(mode: u32) -> &'static str {
+    match mode {
+        LEASE_VXLAN => "vxlan",
+        LEASE_DIRECT => "direct",
+        _ => "unknown",
+    }
+}
+
+fn lease_key(subnet: Ipv4Network) -> Key<[u8; 4]> {
+    Key::new(u32::from(subnet.prefix()), subnet.network().octets())
+}
+
+fn read_leases(map: &LeaseMap) -> Result<BTreeMap<Ipv4Network, LeaseEntry>> {
+    let mut leases = BTreeMap::new();
+    for item in map.iter() {
+        let (key, entry) = item.context("reading the BPF lease map")?;
+        let subnet = Ipv4Network::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)
+            .context("a malformed key in the BPF lease map")?;
+        leases.insert(subnet, entry);
+    }
+    Ok(leases)
+}
+
+/// How many leases name each public IP.
+fn peer_counts(leases: &BTreeMap<Ipv4Network, LeaseEntry>) -> BTreeMap<[u8; 4], u32> {
+    let mut counts = BTreeMap::new();
+    for entry in leases.values() {
+        *counts.entry(entry.public_ip).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A removal that found nothing is fine.
+pub(crate) fn remove_ok(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+#[async_trait]
+impl Backend for BpfDataplane {
+    async fn register(&mut self, previous: Option<&Lease>) -> Result<LeaseAttrs> {
+        let attrs = self.kernel.register(previous).await?;
+        self.write_config(&attrs)?;
+        Ok(attrs)
+    }
+
+    async fn configure(&mut self, own: &Lease) -> Result<()> {
+        self.kernel.configure(own).await?;
+        self.own = Some(own.subnet);
+        // Our own subnet is never a remote lease.
+        self.set_lease(own.subnet, None)?;
+        // The endpoint map is here until the watcher starts, then the watcher owns it.
+        let endpoints = match (self.endpoints.take(), self.watcher.take()) {
+            (Some(map), _) => map,
+            (None, Some(watcher)) => watcher.stop().await,
+            (None, None) => unreachable!("the endpoint map is either here or in the watcher"),
+        };
+        self.watcher = Some(PodWatcher::start(
+            self.handle.clone(),
+            self.ebpf.clone(),
+            endpoints,
+            self.options.pod_bridge.clone(),
+            own.subnet,
+        )?);
+        Ok(())
+    }
+
+    async fn apply(&mut self, event: &LeaseEvent) -> Result<()> {
+        let kernel = self.kernel.apply(event).await;
+        let maps = match event {
+            LeaseEvent::Added(lease) => {
+                let mut wanted = self.wanted_entries(std::slice::from_ref(lease)).await?;
+                self.set_lease(lease.subnet, wanted.remove(&lease.subnet))
+            }
+            LeaseEvent::Removed(subnet) => self.set_lease(*subnet, None),
+        };
+        kernel.and(maps)
+    }
+
+    async fn resync(&mut self, leases: &[Lease]) -> Result<()> {
+        let kernel = self.kernel.resync(leases).await;
+        let wanted = self.wanted_entries(leases).await?;
+        self.sync_maps(wanted)?;
+        // After the maps hold the lease table: from_netdev admits VXLAN from peers only.
+        self.ensure_uplink_program().await?;
+        if let Some(watcher) = &self.watcher {
+            watcher.resync().await?;
+        }
+        self.log_counters();
+        kernel
+    }
+
+    fn pod_mtu(&self) -> u32 {
+        self.kernel.pod_mtu()
+    }
+}

@@ -1,0 +1,271 @@
+//! weft's TC filters: a `cls_bpf` filter in direct-action mode on the ingress of a clsact
+//! qdisc, at a fixed priority and handle, attached through netlink.
+//!
+//! Netlink filters (unlike tcx links) stay attached when the agent exits, so traffic keeps
+//! flowing while it restarts; the fixed priority and handle let the next run replace them
+//! in place (one netlink request: there is no moment without a filter) and let cleanup find
+//! exactly weft's filters.
+
+use std::sync::Mutex;
+
+use anyhow::{anyhow, Context, Result};
+use aya::programs::links::Link as _;
+use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::Ebpf;
+use futures::TryStreamExt;
+use netlink_packet_route::tc::{
+    TcAttribute, TcFilterBpfOption, TcHandle as NlTcHandle, TcMessage, TcOption,
+};
+use rtnetlink::Handle;
+
+use weft_common::{PROG_FROM_NETDEV, PROG_FROM_POD};
+
+use super::object;
+use crate::backend::netlink::{self as nl, Link};
+
+/// The priority (`pref` in `tc filter show`) of weft's filters: "we" in ASCII, below the
+/// 49152 the kernel picks for filters added without one, so weft's run first.
+pub const PRIORITY: u16 = 0x7765;
+/// The handle of weft's filter at [`PRIORITY`].
+pub const HANDLE: u32 = 1;
+/// The names (`TCA_BPF_NAME`) weft's filters carry: its program names.
+const NAMES: [&str; 2] = [PROG_FROM_POD, PROG_FROM_NETDEV];
+
+/// A weft filter found on an interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Filter {
+    pub name: String,
+    /// The id of the program it runs.
+    pub prog_id: Option<u32>,
+}
+
+fn filter_of(msg: &TcMessage) -> Option<Filter> {
+    let priority = (msg.header.info >> 16) as u16;
+    if priority != PRIORITY || u32::from(msg.header.handle) != HANDLE {
+        return None;
+    }
+    let kind = msg.attributes.iter().find_map(|a| match a {
+        TcAttribute::Kind(kind) => Some(kind.as_str()),
+        _ => None,
+    })?;
+    if kind != "bpf" {
+        return None;
+    }
+    let options = msg.attributes.iter().find_map(|a| match a {
+        TcAttribute::Options(options) => Some(options),
+        _ => None,
+    })?;
+    let mut filter = Filter {
+        name: String::new(),
+        prog_id: None,
+    };
+    for option in options {
+        match option {
+            TcOption::Bpf(TcFilterBpfOption::ProgName(name)) => filter.name = name.clone(),
+            TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => filter.prog_id = Some(*id),
+            _ => {}
+        }
+    }
+    NAMES.contains(&filter.name.as_str()).then_some(filter)
+}
+
+async fn filters(handle: &Handle, ifindex: u32, ingress: bool) -> Result<Vec<TcMessage>> {
+    let request = handle.traffic_filter(ifindex as i32).get();
+    let request = if ingress {
+        request.ingress()
+    } else {
+        request.egress()
+    };
+    match request.execute().try_collect().await {
+        Ok(list) => Ok(list),
+        // No clsact qdisc (or no interface any more): no filters.
+        Err(e)
+            if matches!(
+                nl::errno(&e),
+                Some(libc::EINVAL | libc::ENOENT | libc::ENODEV)
+            ) =>
+        {
+            Ok(Vec::new())
+        }
+        Err(e) => Err(e).with_context(|| format!("listing the TC filters of interface #{ifindex}")),
+    }
+}
+
+/// weft's filter on the TC ingress of interface `ifindex`, if there is one.
+pub async fn weft_filter(handle: &Handle, ifindex: u32) -> Result<Option<Filter>> {
+    Ok(filters(handle, ifindex, true)
+        .await?
+        .iter()
+        .find_map(filter_of))
+}
+
+/// How [`attach`] installed the program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// The filter an earlier run left was switched to this program in place.
+    Replaced,
+    /// There was no weft filter: one was created (with the clsact qdisc if needed).
+    Created,
+}
+
+/// Attaches `program` to the TC ingress of interface `ifname`: replaces weft's filter in
+/// place if there is one, else creates it. The filter stays when the agent exits.
+pub fn attach(program: &mut SchedClassifier, ifname: &str) -> Result<Attached> {
+    let replaced = SchedClassifierLink::attached(
+        ifname,
+        TcAttachType::Ingress,
+        PRIORITY,
+        TcHandle::from(HANDLE),
+        None,
+    )
+    .map_err(anyhow::Error::from)
+    // On failure the link is consumed without detaching anything.
+    .and_then(|existing| {
+        program
+            .attach_to_link(existing)
+            .map_err(anyhow::Error::from)
+    });
+    let (id, how) = match replaced {
+        Ok(id) => (id, Attached::Replaced),
+        Err(replace_error) => {
+            // Usually: no weft filter yet (ENOENT), or no clsact qdisc.
+            let clsact = tc::qdisc_add_clsact(ifname);
+            let options = NlOptions {
+                priority: PRIORITY,
+                handle: TcHandle::from(HANDLE),
+                classid: None,
+            };
+            let id = program
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(options),
+                )
+                .map_err(|e| {
+                    let clsact = match &clsact {
+                        Err(tc::TcError::NetlinkError(n))
+                            if n.raw_os_error() == Some(libc::EEXIST) =>
+                        {
+                            String::new()
+                        }
+                        Err(e) => format!("; adding the clsact qdisc failed: {e}"),
+                        Ok(()) => String::new(),
+                    };
+                    anyhow!(
+                        "attaching {} to the TC ingress of {ifname} failed: {e}{clsact} \
+                         (replacing weft's filter failed too: {replace_error:#})",
+                        program_name(program)
+                    )
+                })?;
+            (id, Attached::Created)
+        }
+    };
+    // aya detaches links when they are dropped: weft's filters must outlive the agent.
+    let link = program
+        .take_link(id)
+        .context("taking the TC link out of aya")?;
+    std::mem::forget(link);
+    Ok(how)
+}
+
+impl std::fmt::Display for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Attached::Replaced => "replaced the filter of the previous run in place",
+            Attached::Created => "new filter",
+        })
+    }
+}
+
+/// Attaches program `name` of `ebpf` to the TC ingress of interface `ifindex` (`ifname`)
+/// unless weft's filter there already runs this very program. Returns what was done.
+pub async fn ensure_attached(
+    handle: &Handle,
+    ebpf: &Mutex<Ebpf>,
+    name: &str,
+    ifindex: u32,
+    ifname: &str,
+) -> Result<Option<Attached>> {
+    let prog_id = {
+        let mut ebpf = ebpf.lock().expect("the eBPF object lock is never poisoned");
+        object::classifier(&mut ebpf, name)?.info()?.id()
+    };
+    if let Some(filter) = weft_filter(handle, ifindex).await? {
+        if filter.name == name && filter.prog_id == Some(prog_id) {
+            return Ok(None);
+        }
+    }
+    let mut ebpf = ebpf.lock().expect("the eBPF object lock is never poisoned");
+    attach(object::classifier(&mut ebpf, name)?, ifname).map(Some)
+}
+
+fn program_name(program: &SchedClassifier) -> String {
+    program
+        .info()
+        .ok()
+        .and_then(|i| i.name_as_str().map(str::to_string))
+        .unwrap_or_else(|| "the program".to_string())
+}
+
+/// Removes weft's filter from the ingress of `link` (and the clsact qdisc if no filter is
+/// left on it). Returns the name of the program that was attached, if one was.
+pub async fn detach(handle: &Handle, link: &Link) -> Result<Option<String>> {
+    let Some(filter) = weft_filter(handle, link.index).await? else {
+        return Ok(None);
+    };
+    SchedClassifierLink::attached(
+        &link.name,
+        TcAttachType::Ingress,
+        PRIORITY,
+        TcHandle::from(HANDLE),
+        None,
+    )
+    .with_context(|| format!("looking up {}", link.name))?
+    .detach()
+    .with_context(|| {
+        format!(
+            "removing weft's TC filter {} from {}",
+            filter.name, link.name
+        )
+    })?;
+    if filters(handle, link.index, true).await?.is_empty()
+        && filters(handle, link.index, false).await?.is_empty()
+    {
+        remove_clsact(handle, link.index).await?;
+    }
+    Ok(Some(filter.name))
+}
+
+/// Deletes the clsact qdisc of interface `ifindex` (fine if there is none).
+async fn remove_clsact(handle: &Handle, ifindex: u32) -> Result<()> {
+    let mut request = handle.qdisc().del(ifindex as i32);
+    let msg = request.message_mut();
+    msg.header.parent = NlTcHandle::CLSACT;
+    msg.header.handle = NlTcHandle {
+        major: 0xffff,
+        minor: 0,
+    };
+    match request.execute().await {
+        Err(e)
+            if !matches!(
+                nl::errno(&e),
+                Some(libc::EINVAL | libc::ENOENT | libc::ENODEV)
+            ) =>
+        {
+            Err(e).with_context(|| format!("deleting the clsact qdisc of interface #{ifindex}"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Removes weft's filters from every interface. Returns `(interface, program)` pairs.
+pub async fn detach_everywhere(handle: &Handle) -> Result<Vec<(String, String)>> {
+    let mut removed = Vec::new();
+    for link in nl::links(handle).await? {
+        if let Some(name) = detach(handle, &link).await? {
+            removed.push((link.name.clone(), name));
+        }
+    }
+    Ok(removed)
+}
