@@ -56,6 +56,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let own = subnets.acquire_lease(&attrs).await?;
     info!(subnet = %own.subnet, "acquired lease");
     dataplane.configure(&own).await?;
+    if args.ip_blackhole_route {
+        nl::ensure_blackhole_route(&handle, own.subnet).await?;
+    } else {
+        nl::delete_blackhole_route(&handle, own.subnet).await?;
+    }
 
     let (mut firewall, why) = masq::select_firewall(args.firewall, conf.enable_nftables)?;
     info!("firewall: {why}");
@@ -83,7 +88,14 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         tokio::spawn(async move { subnets.watch_leases(own, tx).await })
     };
     let result = event_loop(&args, dataplane.as_mut(), firewall.as_mut(), &spec, rx).await;
-    watch.abort();
+    if watch.is_finished() {
+        // The watch ended on its own: its error says why better than the closed channel.
+        if let Ok(Err(e)) = watch.await {
+            return Err(e.context("watching the leases"));
+        }
+    } else {
+        watch.abort();
+    }
     result
 }
 
@@ -237,7 +249,7 @@ async fn remove_lease_routes(handle: &rtnetlink::Handle, args: &AgentArgs) -> Re
     for dst in nl::prune_routes(handle, &table, env.network, ext.index, |_| false).await? {
         info!("cleanup: removed the route to {dst} via {}", ext.name);
     }
-    Ok(())
+    nl::delete_blackhole_route(handle, env.subnet).await
 }
 
 fn bpf_options(args: &AgentArgs) -> BpfOptions {

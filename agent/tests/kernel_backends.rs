@@ -1218,3 +1218,38 @@ fn hostgw_carries_pod_traffic_between_nodes() {
         "pod B cannot reach pod A over host-gw routes"
     );
 }
+
+#[test]
+fn blackhole_route_for_the_own_lease_comes_and_goes() {
+    let mut lab = Lab::new("blackhole");
+    let (a, _b) = lab.two_nodes();
+    let ns = a.clone();
+    in_netns(&a, move |handle, _| async move {
+        let own: Ipv4Network = "10.244.5.0/24".parse().unwrap();
+        let blackholes = || {
+            let routes: serde_json::Value =
+                serde_json::from_str(&ip(&ns, "-j route show type blackhole")).unwrap();
+            routes
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["dst"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert!(blackholes().is_empty());
+        weft::backend::netlink::ensure_blackhole_route(&handle, own)
+            .await
+            .unwrap();
+        weft::backend::netlink::ensure_blackhole_route(&handle, own)
+            .await
+            .unwrap();
+        assert_eq!(blackholes(), vec!["10.244.5.0/24"]);
+        weft::backend::netlink::delete_blackhole_route(&handle, own)
+            .await
+            .unwrap();
+        weft::backend::netlink::delete_blackhole_route(&handle, own)
+            .await
+            .unwrap();
+        assert!(blackholes().is_empty());
+    });
+}

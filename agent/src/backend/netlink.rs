@@ -451,6 +451,33 @@ pub async fn delete_route(handle: &Handle, route: &KernelRoute) -> Result<()> {
         .with_context(|| format!("deleting route to {}", route.dst))
 }
 
+/// `blackhole <subnet>` (flannel's --ip-blackhole-route): traffic to addresses of the own
+/// lease that no pod holds is dropped here instead of following the default route.
+fn blackhole_route(subnet: Ipv4Network) -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(subnet.network(), subnet.prefix())
+        .kind(RouteType::BlackHole)
+        .build()
+}
+
+/// Installs the blackhole route for `subnet` (idempotent).
+pub async fn ensure_blackhole_route(handle: &Handle, subnet: Ipv4Network) -> Result<()> {
+    handle
+        .route()
+        .add(blackhole_route(subnet))
+        .replace()
+        .execute()
+        .await
+        .with_context(|| format!("adding blackhole route {subnet}"))
+}
+
+/// Deletes the blackhole route for `subnet` (fine if there is none).
+pub async fn delete_blackhole_route(handle: &Handle, subnet: Ipv4Network) -> Result<()> {
+    delete(handle.route().del(blackhole_route(subnet)).execute())
+        .await
+        .with_context(|| format!("deleting blackhole route {subnet}"))
+}
+
 /// Deletes the routes to exactly `dst` that have a gateway through one of `oifs`.
 pub async fn delete_routes_to(handle: &Handle, dst: Ipv4Network, oifs: &[u32]) -> Result<()> {
     for route in routes(handle).await? {
