@@ -1,5 +1,7 @@
 //! The lab: a fabric namespace (the underlay switch, etcd, an external host), node
 //! namespaces each running a `weft agent`, and pod namespaces attached by the CNI plugin.
+//! Each agent runs the dataplane the config chooses for its node (`--dataplane=kernel|bpf`)
+//! and pins its maps on a bpffs the lab mounts for all nodes, so pins outlive restarts.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,6 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
+use crate::bpf::{self as bpf_maps, BpfCounters, Bpffs, TcFilter};
 use crate::etcd::{Etcd, ETCD_ENDPOINT};
 use crate::exec::{ip, run, run_in, wait_until, Cmd};
 use crate::icmp;
@@ -54,6 +57,26 @@ impl Backend {
     }
 }
 
+/// The dataplane a node's agent runs (`--dataplane`). The lab never passes `auto`: a
+/// silent fallback to the kernel path must fail a BPF test, not pass it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dataplane {
+    /// `--dataplane=kernel`: flannel's kernel path only.
+    Kernel,
+    /// `--dataplane=bpf`: the eBPF fast path (the agent fails if it cannot load it).
+    Bpf,
+}
+
+impl Dataplane {
+    /// The value of `--dataplane`.
+    pub fn flag_value(self) -> &'static str {
+        match self {
+            Dataplane::Kernel => "kernel",
+            Dataplane::Bpf => "bpf",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LabConfig {
     /// Nodes created at start (numbered from 1; node i has 198.18.0.(10+i)).
@@ -65,8 +88,15 @@ pub struct LabConfig {
     pub network: String,
     /// Start an agent on every node and wait until each is ready.
     pub start_agents: bool,
-    /// More flags for every `weft agent`.
+    /// More flags for every `weft agent` (not `--dataplane` or `--bpf-dir`: the lab sets them).
     pub extra_agent_args: Vec<String>,
+    /// The dataplane of every node without an entry in `node_dataplanes`.
+    pub dataplane: Dataplane,
+    /// Per-node exceptions to `dataplane`: node index (from 1) → dataplane. Also applies
+    /// to nodes added later with [`Lab::add_node`].
+    pub node_dataplanes: BTreeMap<usize, Dataplane>,
+    /// `"DirectRouting": true` in the vxlan backend config (ignored for host-gw).
+    pub direct_routing: bool,
 }
 
 impl Default for LabConfig {
@@ -78,6 +108,9 @@ impl Default for LabConfig {
             network: "10.244.0.0/16".to_string(),
             start_agents: true,
             extra_agent_args: Vec::new(),
+            dataplane: Dataplane::Kernel,
+            node_dataplanes: BTreeMap::new(),
+            direct_routing: false,
         }
     }
 }
@@ -85,7 +118,19 @@ impl Default for LabConfig {
 impl LabConfig {
     /// The network config as stored at `<prefix>/config`.
     pub fn net_conf(&self) -> String {
-        json!({"Network": self.network, "Backend": {"Type": self.backend.type_name()}}).to_string()
+        let mut backend = json!({"Type": self.backend.type_name()});
+        if self.direct_routing && self.backend == Backend::Vxlan {
+            backend["DirectRouting"] = json!(true);
+        }
+        json!({"Network": self.network, "Backend": backend}).to_string()
+    }
+
+    /// The dataplane node `index` starts with.
+    pub fn dataplane_of(&self, index: usize) -> Dataplane {
+        self.node_dataplanes
+            .get(&index)
+            .copied()
+            .unwrap_or(self.dataplane)
     }
 }
 
@@ -102,6 +147,10 @@ pub struct Node {
     pub fabric_port: String,
     /// CNI network name (host-local keeps its state under this name).
     pub cni_network: String,
+    /// The dataplane its agent is started with (see [`Lab::set_dataplane`]).
+    pub dataplane: Dataplane,
+    /// Its `--bpf-dir`: a directory on the lab's bpffs, which outlives agent restarts.
+    pub bpf_dir: PathBuf,
     agent: Option<NetnsProcess>,
     agent_log: PathBuf,
     pod_count: usize,
@@ -173,6 +222,10 @@ pub struct Lab {
     pods: Vec<Pod>,
     /// Every namespace this lab created, in creation order.
     namespaces: Vec<String>,
+    /// The bpffs holding every node's `--bpf-dir`. Agents run under `ip netns exec`, in
+    /// private mount namespaces: one they mounted themselves would vanish with them, and
+    /// the pins with it. This one is the lab's, mounted before any agent starts.
+    bpffs: Option<Bpffs>,
     // Last field: removed after the teardown in Drop, which reads logs from it.
     dir: TempDir,
 }
@@ -206,8 +259,10 @@ impl Lab {
             nodes: Vec::new(),
             pods: Vec::new(),
             namespaces: Vec::new(),
+            bpffs: None,
             dir,
         };
+        lab.bpffs = Some(Bpffs::mount(&lab.dir.path().join("bpffs"))?);
         if lab.config.start_agents {
             lab.binary("weft")?;
         }
@@ -327,7 +382,14 @@ impl Lab {
         run_in(&ns, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
         let dir = self.dir.path().join(format!("n{index}"));
         std::fs::create_dir_all(&dir)?;
+        let bpffs = self
+            .bpffs
+            .as_ref()
+            .context("the lab's bpffs is not mounted")?;
+        let bpf_dir = bpffs.path().join(format!("n{index}"));
         self.nodes.push(Node {
+            dataplane: self.config.dataplane_of(index),
+            bpf_dir,
             index,
             subnet_file: dir.join("subnet.env"),
             agent_log: dir.join("agent.log"),
@@ -366,10 +428,11 @@ impl Lab {
         self.nodes.len()
     }
 
-    /// Spawns `weft agent` on node `index` and returns at once: the instant just before
-    /// the spawn and the subnet file's stamp before it (for `wait_agent_ready`).
-    pub fn spawn_agent(&mut self, index: usize) -> Result<(Instant, Option<FileStamp>)> {
+    /// The command line of node `index`'s agent: weft's flags for the lab (etcd, per-node
+    /// subnet file, eth0, `--dataplane`, `--bpf-dir`) and the config's extra flags.
+    pub fn agent_args(&self, index: usize) -> Result<Vec<String>> {
         let weft = self.binary("weft")?;
+        let node = self.node(index);
         let mut args: Vec<String> = vec![
             weft.to_string_lossy().into_owned(),
             "agent".into(),
@@ -378,15 +441,25 @@ impl Lab {
             "--etcd-prefix".into(),
             ETCD_PREFIX.into(),
             "--subnet-file".into(),
-            self.node(index).subnet_file.to_string_lossy().into_owned(),
+            node.subnet_file.to_string_lossy().into_owned(),
             "--iface".into(),
             "eth0".into(),
+            format!("--dataplane={}", node.dataplane.flag_value()),
+            "--bpf-dir".into(),
+            node.bpf_dir.to_string_lossy().into_owned(),
         ];
         if self.config.ip_masq {
             args.push("--ip-masq".into());
         }
         args.extend(self.config.extra_agent_args.iter().cloned());
-        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info,weft=debug".into());
+        Ok(args)
+    }
+
+    /// Spawns `weft agent` on node `index` and returns at once: the instant just before
+    /// the spawn and the subnet file's stamp before it (for `wait_agent_ready`).
+    pub fn spawn_agent(&mut self, index: usize) -> Result<(Instant, Option<FileStamp>)> {
+        let args = self.agent_args(index)?;
+        let rust_log = agent_rust_log();
         let node = self.node_mut(index);
         if node
             .agent
@@ -462,6 +535,44 @@ impl Lab {
         if let Some(mut agent) = self.node_mut(index).agent.take() {
             agent.kill();
         }
+    }
+
+    /// The dataplane node `index`'s agent starts with from now on (a running agent keeps
+    /// its own until restarted).
+    pub fn set_dataplane(&mut self, index: usize, dataplane: Dataplane) {
+        self.node_mut(index).dataplane = dataplane;
+    }
+
+    /// Runs `weft agent --cleanup` with the agent's own flags on node `index` (whose agent
+    /// must be stopped), at most 30 s; fails unless it exits 0. Returns what it printed
+    /// (also appended to the agent log).
+    pub fn run_agent_cleanup(&mut self, index: usize) -> Result<String> {
+        if self.agent_running(index) {
+            bail!("stop the agent of node {index} before running `weft agent --cleanup`");
+        }
+        let mut args = self.agent_args(index)?;
+        args.push("--cleanup".into());
+        let node = self.node(index);
+        append_line(
+            &node.agent_log,
+            &format!("--- lab: running {}", args.join(" ")),
+        );
+        let out = Cmd::new(args.clone())
+            .netns(&node.ns)
+            .env("RUST_LOG", agent_rust_log())
+            .env("NO_COLOR", "1")
+            .timeout(Duration::from_secs(30))
+            .output()?;
+        let printed = format!("{}{}", out.stdout, out.stderr);
+        append_line(&node.agent_log, printed.trim_end());
+        if !out.status.success() {
+            bail!(
+                "`{}` on node {index} failed ({}):\n{printed}",
+                args.join(" "),
+                out.status
+            );
+        }
+        Ok(printed)
     }
 
     /// Whether the agent of node `index` is running.
@@ -770,6 +881,118 @@ impl Lab {
         })
     }
 
+    /// Node `index`'s `--bpf-dir` (on the lab's bpffs).
+    pub fn bpf_dir(&self, index: usize) -> &Path {
+        &self.node(index).bpf_dir
+    }
+
+    /// Node `index`'s datapath counters, read from their pin.
+    pub fn bpf_counters(&self, index: usize) -> Result<BpfCounters> {
+        bpf_maps::read_counters(self.bpf_dir(index))
+            .with_context(|| format!("the BPF counters of node {index}"))
+    }
+
+    /// weft's TC filters on the interfaces of node `index`.
+    pub fn weft_filters(&self, index: usize) -> Result<Vec<TcFilter>> {
+        bpf_maps::weft_filters(self.node_ns(index))
+    }
+
+    /// The ports of node `index`'s pod bridge (cni0), by name.
+    pub fn pod_bridge_ports(&self, index: usize) -> Result<Vec<String>> {
+        let ports = self.ip_json(self.node_ns(index), &["link", "show", "master", "cni0"])?;
+        Ok(ports
+            .iter()
+            .filter_map(|p| p["ifname"].as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// The host-side end (in the node's namespace) of `pod`'s eth0.
+    pub fn host_veth(&self, pod: &Pod) -> Result<String> {
+        let peer_index = self
+            .link_field(&pod.ns, "eth0", "link_index")?
+            .as_u64()
+            .with_context(|| format!("eth0 of pod {} is not a veth", pod.name))?;
+        let links = self.ip_json(self.node_ns(pod.node), &["link", "show"])?;
+        links
+            .iter()
+            .find(|l| l["ifindex"].as_u64() == Some(peer_index))
+            .and_then(|l| l["ifname"].as_str())
+            .map(str::to_string)
+            .with_context(|| {
+                format!(
+                    "no interface #{peer_index} (peer of pod {}'s eth0) on node {}",
+                    pod.name, pod.node
+                )
+            })
+    }
+
+    /// What node `index`'s BPF dataplane still lacks to serve every pod of the lab on it
+    /// and every other lease: `from_netdev` on eth0, `from_pod` on every cni0 port, an
+    /// endpoint per pod (learned once the pod has talked through its gateway), a lease
+    /// entry per other lease in etcd. Empty when complete.
+    pub fn bpf_missing(&self, index: usize) -> Result<Vec<String>> {
+        let mut missing = Vec::new();
+        let filters = self.weft_filters(index)?;
+        let has = |iface: &str, program: &str| {
+            filters
+                .iter()
+                .any(|f| f.iface == iface && f.program == program)
+        };
+        if !has("eth0", "from_netdev") {
+            missing.push("from_netdev on eth0".to_string());
+        }
+        for port in self.pod_bridge_ports(index)? {
+            if !has(&port, "from_pod") {
+                missing.push(format!("from_pod on {port}"));
+            }
+        }
+        let dir = self.bpf_dir(index);
+        let endpoints = bpf_maps::read_endpoints(dir)?;
+        for pod in self.pods.iter().filter(|p| p.node == index) {
+            if !endpoints.contains_key(&pod.ip) {
+                missing.push(format!("endpoint {} ({})", pod.ip, pod.name));
+            }
+        }
+        let leases = bpf_maps::read_leases(dir)?;
+        let own = self.node_ip(index);
+        for lease in self.leases()?.iter().filter(|l| l.public_ip != own) {
+            if !leases.contains_key(&(lease.subnet, lease.prefix_len)) {
+                missing.push(format!("lease {}", lease.cidr()));
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Waits until [`Lab::bpf_missing`] is empty for node `index`; returns how long it took.
+    pub fn wait_bpf_synced(&self, index: usize, timeout: Duration) -> Result<Duration> {
+        let mut last = Vec::new();
+        wait_until(
+            &format!("node {index}'s BPF dataplane to be complete"),
+            timeout,
+            || {
+                last = self.bpf_missing(index)?;
+                Ok(last.is_empty())
+            },
+        )
+        .with_context(|| format!("still missing: {}", last.join(", ")))
+    }
+
+    /// Plugs a host that is no node (no agent, no lease) into the underlay: namespace
+    /// `<prefix><suffix>` with `addr`/24 on its eth0. Returns the namespace.
+    pub fn add_underlay_host(&mut self, suffix: &str, addr: Ipv4Addr) -> Result<String> {
+        let ns = self.create_ns(suffix)?;
+        let port = format!("h-{suffix}");
+        let fab = self.fabric.clone();
+        ip(
+            &ns,
+            &format!("link add eth0 type veth peer name {port} netns {fab}"),
+        )?;
+        ip(&fab, &format!("link set {port} master {FABRIC_BRIDGE} up"))?;
+        ip(&ns, &format!("addr add {addr}/24 dev eth0"))?;
+        ip(&ns, "link set eth0 up")?;
+        Ok(ns)
+    }
+
     /// Agent and etcd log tails and each node's routes: printed when a test fails.
     pub fn diagnostics(&self) -> String {
         let mut out = String::new();
@@ -788,6 +1011,16 @@ impl Lab {
                 "----- routes -----\n{}",
                 routes.map(|o| o.stdout).unwrap_or_default()
             );
+            if node.dataplane == Dataplane::Bpf {
+                let counters = bpf_maps::read_counters(&node.bpf_dir)
+                    .map_or_else(|e| format!("{e:#}"), |c| c.to_string());
+                let filters = bpf_maps::weft_filters(&node.ns)
+                    .map_or_else(|e| format!("{e:#}"), |f| format!("{f:?}"));
+                let _ = writeln!(
+                    out,
+                    "----- BPF -----\ncounters: {counters}\nfilters: {filters}"
+                );
+            }
         }
         if let Some(etcd) = &self.etcd {
             let _ = writeln!(out, "===== etcd log (tail) =====\n{}", tail(etcd.log(), 10));
@@ -821,6 +1054,8 @@ impl Lab {
         for node in &self.nodes {
             let _ = std::fs::remove_dir_all(Path::new(HOST_LOCAL_STATE).join(&node.cni_network));
         }
+        // After the agents are gone: releases every pin (and the maps with them).
+        self.bpffs.take();
     }
 }
 
@@ -835,6 +1070,11 @@ impl Drop for Lab {
         }
         self.teardown();
     }
+}
+
+/// RUST_LOG of the agents: the caller's, else info with weft's debug messages.
+fn agent_rust_log() -> String {
+    std::env::var("RUST_LOG").unwrap_or_else(|_| "info,weft=debug".into())
 }
 
 /// `ping -c 2 -W 1` from namespace `ns`.

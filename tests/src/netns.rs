@@ -81,7 +81,8 @@ fn process_alive(pid: u32) -> bool {
 pub const TEMP_DIR_PREFIX: &str = "weft-";
 
 /// Removes what labs of dead processes left behind (namespaces, the processes the lab
-/// started in them, host-local state, temporary directories under `temp_base`) and
+/// started in them, host-local state, temporary directories under `temp_base` and the
+/// bpffs mounted in them) and
 /// anything carrying `prefix`. Labs whose process still runs (concurrent tests) are not
 /// touched.
 pub fn sweep_leftovers(prefix: &str, temp_base: &Path) {
@@ -104,6 +105,10 @@ pub fn sweep_leftovers(prefix: &str, temp_base: &Path) {
         for entry in std::fs::read_dir(base).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.strip_prefix(dir_prefix).is_some_and(stale) {
+                // A lab's bpffs first: removing files inside it would only unpin.
+                for mount_point in crate::bpf::mounts_under(&entry.path()) {
+                    crate::bpf::unmount(&mount_point);
+                }
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }

@@ -1,5 +1,6 @@
-//! End to end on the kernel path: real `weft agent`s in node namespaces, etcd, pods
-//! attached by weft-cni, checked the way a user would (ping, ip, bridge, tcpdump, tshark).
+//! End to end on the kernel path (`--dataplane=kernel`): real `weft agent`s in node
+//! namespaces, etcd, pods attached by weft-cni, checked the way a user would (ping, ip,
+//! bridge, tcpdump, tshark).
 //! Needs root and the binaries (`cargo build -p weft --bins`).
 
 use std::net::Ipv4Addr;
@@ -8,7 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use weft_tests::plain_flannel::VXLAN_DEVICE;
 use weft_tests::{
-    icmp, wait_until, Backend, Lab, LabConfig, Lease, PlainFlannelNode, Pod, EXTERNAL_HOST,
+    icmp, wait_until, Backend, Dataplane, Lab, LabConfig, Lease, PlainFlannelNode, Pod,
+    EXTERNAL_HOST,
 };
 
 const NODES: usize = 3;
@@ -22,6 +24,8 @@ fn lab(backend: Backend, ip_masq: bool, nodes: usize) -> Lab {
         nodes,
         backend,
         ip_masq,
+        // Explicitly: the agent's own default (auto) would pick the eBPF fast path here.
+        dataplane: Dataplane::Kernel,
         ..Default::default()
     })
     .unwrap_or_else(|e| panic!("the {} lab does not start: {e:#}", backend.type_name()));
