@@ -10,16 +10,24 @@
 //! # anyhow::Ok(())
 //! ```
 
+pub mod apiserver;
+pub mod bpf;
 pub mod etcd;
 pub mod exec;
 pub mod icmp;
 pub mod lab;
 pub mod netns;
+pub mod packet;
 pub mod plain_flannel;
 pub mod process;
+pub mod traffic;
 
+pub use bpf::{BpfCounters, TcFilter};
 pub use exec::{wait_until, Cmd};
+pub use icmp::{Flood, FloodReport, ProbeOutcome};
 pub use lab::{
-    Backend, Lab, LabConfig, Lease, PingMatrix, Pod, VxlanPacket, EXTERNAL_HOST, FABRIC_IP,
+    Backend, Dataplane, Lab, LabConfig, Lease, PingMatrix, Pod, VxlanPacket, EXTERNAL_HOST,
+    FABRIC_IP,
 };
 pub use plain_flannel::PlainFlannelNode;
+pub use traffic::{IperfReport, TcpFlow, TcpFlowReport};
