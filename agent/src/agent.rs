@@ -17,6 +17,7 @@ use crate::iface::{self, IfaceSelection};
 use crate::lease::{subnet_key, Lease, LeaseEvent, LeaseWatchEvent};
 use crate::masq::{self, Firewall, MasqSpec};
 use crate::subnet::etcd::{EtcdOptions, EtcdSubnetManager};
+use crate::subnet::kube::{KubeOptions, KubeSubnetManager};
 use crate::subnet::SubnetManager;
 use crate::subnet_env::SubnetEnv;
 
@@ -25,10 +26,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     if args.cleanup {
         return cleanup(&args).await;
     }
-    if args.kube_subnet_mgr {
-        bail!("--kube-subnet-mgr is not available in this build of weft yet: use the etcd subnet manager (--etcd-endpoints, --etcd-prefix)");
-    }
-    let subnets = EtcdSubnetManager::connect(etcd_options(&args)).await?;
+    let (subnets, selection, selection_reason) = subnet_manager(&args).await?;
     let conf = subnets.network_config().await?;
     for w in &conf.warnings {
         warn!("{w}");
@@ -38,7 +36,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let (connection, handle, _) =
         rtnetlink::new_connection().context("opening a netlink socket")?;
     tokio::spawn(connection);
-    let ext = iface::select_ext_iface(&handle, &iface_selection(&args)).await?;
+    let ext = iface::select_ext_iface(&handle, &selection).await;
+    let ext = match selection_reason {
+        Some(why) => ext.context(why)?,
+        None => ext?,
+    };
     info!(iface = %ext.name, addr = %ext.addr, public_ip = %ext.public_ip, mtu = ext.mtu, "using interface");
 
     let (mut dataplane, why) = bpf::select_dataplane(
@@ -99,6 +101,23 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     result
 }
 
+/// The subnet manager the flags ask for (Kubernetes with --kube-subnet-mgr, else etcd),
+/// the interface selection (the Kubernetes node's node-public-ip annotation can take part)
+/// and, when the selection is not the flags' own, why.
+async fn subnet_manager(
+    args: &AgentArgs,
+) -> Result<(Box<dyn SubnetManager>, IfaceSelection, Option<String>)> {
+    let flags = iface_selection(args);
+    if args.kube_subnet_mgr {
+        let kube = KubeSubnetManager::connect(kube_options(args)).await?;
+        let (selection, why) = kube.iface_selection(flags);
+        Ok((Box::new(kube), selection, why))
+    } else {
+        let etcd = EtcdSubnetManager::connect(etcd_options(args)).await?;
+        Ok((Box::new(etcd), flags, None))
+    }
+}
+
 /// Applies lease events as they come and repairs drift on timers, until a signal.
 async fn event_loop(
     args: &AgentArgs,
@@ -108,7 +127,12 @@ async fn event_loop(
     mut rx: mpsc::Receiver<LeaseWatchEvent>,
 ) -> Result<()> {
     let mut leases: BTreeMap<Ipv4Network, Lease> = BTreeMap::new();
-    let mut resync = tokio::time::interval(Duration::from_secs(args.resync_interval.max(1)));
+    // Until the first complete list arrives, `leases` is not the cluster's table: a resync
+    // against it would delete every peer's routes and map entries (traffic loss on restart).
+    let mut listed = false;
+    let resync_period = Duration::from_secs(args.resync_interval.max(1));
+    let mut resync =
+        tokio::time::interval_at(tokio::time::Instant::now() + resync_period, resync_period);
     let mut firewall_resync =
         tokio::time::interval(Duration::from_secs(args.iptables_resync.max(1)));
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -122,6 +146,7 @@ async fn event_loop(
                 }
                 Some(LeaseWatchEvent::Snapshot(all)) => {
                     info!(leases = all.len(), "lease table (re)listed");
+                    listed = true;
                     leases = all.into_iter().map(|l| (l.subnet, l)).collect();
                     resync_dataplane(dataplane, &leases).await;
                 }
@@ -138,7 +163,7 @@ async fn event_loop(
                     }
                 }
             },
-            _ = resync.tick() => resync_dataplane(dataplane, &leases).await,
+            _ = resync.tick(), if listed => resync_dataplane(dataplane, &leases).await,
             _ = firewall_resync.tick() => {
                 if let Err(e) = firewall.ensure(spec) {
                     error!("repairing {} rules failed: {e:#}", firewall.name());
@@ -301,5 +326,16 @@ fn etcd_options(args: &AgentArgs) -> EtcdOptions {
         password: args.etcd_password.clone(),
         subnet_file: args.subnet_file.clone(),
         renew_margin: Duration::from_secs(args.subnet_lease_renew_margin * 60),
+    }
+}
+
+fn kube_options(args: &AgentArgs) -> KubeOptions {
+    KubeOptions {
+        node_name: None,
+        api_url: args.kube_api_url.clone(),
+        kubeconfig: args.kubeconfig_file.clone(),
+        annotation_prefix: args.kube_annotation_prefix.clone(),
+        net_config_path: args.net_config_path.clone(),
+        set_node_network_unavailable: args.set_node_network_unavailable,
     }
 }

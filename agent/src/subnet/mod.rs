@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod etcd;
+pub mod kube;
 
 use std::net::Ipv4Addr;
 
