@@ -3,10 +3,12 @@
 pub mod agent;
 pub mod backend;
 pub mod bpf;
+pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod health;
 pub mod iface;
+pub mod install;
 pub mod lease;
 pub mod masq;
 pub mod metrics;

@@ -491,7 +491,7 @@ fn add_without_subnet_env_says_the_agent_is_not_running() {
     assert_eq!(
         error["msg"],
         format!(
-            "{} does not exist: is the weft agent (or flanneld) running on this node? check its logs (kubectl -n kube-flannel logs -l app=flannel --field-selector spec.nodeName=<this node>)",
+            "{} does not exist: is the weft agent (or flanneld) running on this node? check its logs (kubectl -n weft logs -l app=weft --field-selector spec.nodeName=<this node>, or kubectl -n kube-flannel logs -l app=flannel for flanneld)",
             lab.subnet_file().display()
         )
     );

@@ -1,25 +1,8 @@
-//! `weft`: the node agent and its tools.
+//! `weft`: the node agent and its tools (the command line is [`weft::cli`]).
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use tracing_subscriber::EnvFilter;
-
-#[derive(Parser)]
-#[command(
-    name = "weft",
-    version,
-    propagate_version = true,
-    about = "A flannel-compatible overlay network with an eBPF dataplane"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the node agent (flanneld's flags and FLANNELD_* variables).
-    Agent(Box<weft::config::AgentArgs>),
-}
+use weft::cli::{Cli, Command};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -29,13 +12,21 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("building the tokio runtime");
     let result = match cli.command {
-        Command::Agent(args) => runtime.block_on(weft::agent::run(*args)),
+        Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("building the tokio runtime")
+            .block_on(weft::agent::run(*args)),
+        Command::InstallCni(args) => weft::install::install_cni(&args).map(|installed| {
+            for file in installed {
+                println!("weft install-cni: {file}");
+            }
+        }),
+        Command::MountBpffs(args) => {
+            weft::install::mount_bpffs(&args).map(|done| println!("weft mount-bpffs: {done}"))
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -137,7 +137,7 @@ pub fn load_subnet_env(path: &Path) -> Result<SubnetEnv, CniError> {
         Ok(None) => Err(CniError::new(
             code::TRY_AGAIN_LATER,
             format!(
-                "{} does not exist: is the weft agent (or flanneld) running on this node? check its logs (kubectl -n kube-flannel logs -l app=flannel --field-selector spec.nodeName=<this node>)",
+                "{} does not exist: is the weft agent (or flanneld) running on this node? check its logs (kubectl -n weft logs -l app=weft --field-selector spec.nodeName=<this node>, or kubectl -n kube-flannel logs -l app=flannel for flanneld)",
                 path.display()
             ),
         )),
@@ -396,7 +396,7 @@ mod tests {
         assert_eq!(
             err.msg,
             format!(
-                "{} does not exist: is the weft agent (or flanneld) running on this node? check its logs (kubectl -n kube-flannel logs -l app=flannel --field-selector spec.nodeName=<this node>)",
+                "{} does not exist: is the weft agent (or flanneld) running on this node? check its logs (kubectl -n weft logs -l app=weft --field-selector spec.nodeName=<this node>, or kubectl -n kube-flannel logs -l app=flannel for flanneld)",
                 path.display()
             )
         );
