@@ -13,18 +13,27 @@ use crate::backend::netlink as nl;
 use crate::backend::Backend;
 use crate::bpf::{self, BpfOptions};
 use crate::config::{AgentArgs, NetConf};
+use crate::health;
 use crate::iface::{self, IfaceSelection};
 use crate::lease::{subnet_key, Lease, LeaseEvent, LeaseWatchEvent};
 use crate::masq::{self, Firewall, MasqSpec};
+use crate::metrics::{AgentState, DataplaneInfo, ReadyPart};
 use crate::subnet::etcd::{EtcdOptions, EtcdSubnetManager};
 use crate::subnet::kube::{KubeOptions, KubeSubnetManager};
 use crate::subnet::SubnetManager;
 use crate::subnet_env::SubnetEnv;
+use std::sync::Arc;
 
 /// Runs `weft agent` until a signal or a fatal error.
 pub async fn run(args: AgentArgs) -> Result<()> {
     if args.cleanup {
         return cleanup(&args).await;
+    }
+    // Serve /healthz before connecting anywhere, so probes answer while etcd or the API is slow.
+    let state = Arc::new(AgentState::new());
+    let _health = health::start(args.healthz_ip, args.healthz_port, state.clone()).await?;
+    if args.kube_subnet_mgr {
+        state.set_watch_restarts_counter(&crate::subnet::kube::WATCH_RESTARTS);
     }
     let (subnets, selection, selection_reason) = subnet_manager(&args).await?;
     let conf = subnets.network_config().await?;
@@ -53,10 +62,12 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     )
     .await?;
     info!("dataplane: {why}");
+    state.set_dataplane(DataplaneInfo::from_selection(&why, &args.bpf_dir));
     let previous = subnets.previous_lease(ext.public_ip).await?;
     let attrs = dataplane.register(previous.as_ref()).await?;
     let own = subnets.acquire_lease(&attrs).await?;
     info!(subnet = %own.subnet, "acquired lease");
+    state.set_ready(ReadyPart::Lease, true);
     dataplane.configure(&own).await?;
     if args.ip_blackhole_route {
         nl::ensure_blackhole_route(&handle, own.subnet).await?;
@@ -74,6 +85,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     firewall
         .ensure(&spec)
         .with_context(|| format!("installing {} rules", firewall.name()))?;
+    state.set_ready(ReadyPart::Dataplane, true);
 
     SubnetEnv {
         network: conf.network,
@@ -83,13 +95,22 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     }
     .write(&args.subnet_file)?;
     info!(path = %args.subnet_file.display(), "wrote subnet.env; ready");
+    state.set_ready(ReadyPart::SubnetEnv, true);
 
     let (tx, rx) = mpsc::channel(1024);
     let watch = {
         let own = own.clone();
         tokio::spawn(async move { subnets.watch_leases(own, tx).await })
     };
-    let result = event_loop(&args, dataplane.as_mut(), firewall.as_mut(), &spec, rx).await;
+    let result = event_loop(
+        &args,
+        dataplane.as_mut(),
+        firewall.as_mut(),
+        &spec,
+        &state,
+        rx,
+    )
+    .await;
     if watch.is_finished() {
         // The watch ended on its own: its error says why better than the closed channel.
         if let Ok(Err(e)) = watch.await {
@@ -124,6 +145,7 @@ async fn event_loop(
     dataplane: &mut dyn Backend,
     firewall: &mut dyn Firewall,
     spec: &MasqSpec,
+    state: &AgentState,
     mut rx: mpsc::Receiver<LeaseWatchEvent>,
 ) -> Result<()> {
     let mut leases: BTreeMap<Ipv4Network, Lease> = BTreeMap::new();
@@ -148,6 +170,7 @@ async fn event_loop(
                     info!(leases = all.len(), "lease table (re)listed");
                     listed = true;
                     leases = all.into_iter().map(|l| (l.subnet, l)).collect();
+                    state.set_leases_known(leases.len());
                     resync_dataplane(dataplane, &leases).await;
                 }
                 Some(LeaseWatchEvent::Event(event)) => {
@@ -155,11 +178,18 @@ async fn event_loop(
                         LeaseEvent::Added(l) => { leases.insert(l.subnet, l.clone()); l.subnet }
                         LeaseEvent::Removed(s) => { leases.remove(s); *s }
                     };
+                    state.set_leases_known(leases.len());
                     let started = Instant::now();
                     let span = info_span!("lease", subnet = %subnet_key(&subnet));
                     match dataplane.apply(&event).instrument(span.clone()).await {
-                        Ok(()) => span.in_scope(|| info!(event = kind(&event), took_us = started.elapsed().as_micros() as u64, "applied")),
-                        Err(e) => span.in_scope(|| error!("applying lease event failed (the next resync retries): {e:#}")),
+                        Ok(()) => {
+                            state.observe_lease_apply(started.elapsed());
+                            span.in_scope(|| info!(event = kind(&event), took_us = started.elapsed().as_micros() as u64, "applied"))
+                        }
+                        Err(e) => {
+                            state.count_lease_apply_failure();
+                            span.in_scope(|| error!("applying lease event failed (the next resync retries): {e:#}"))
+                        }
                     }
                 }
             },
