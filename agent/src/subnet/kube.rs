@@ -149,7 +149,7 @@ impl KubeSubnetManager {
                     .with_context(|| format!("pod {namespace}/{name} (POD_NAME, POD_NAMESPACE) is not scheduled to a node: set NODE_NAME instead"))?
             }
         };
-        let manager = KubeSubnetManager {
+        let mut manager = KubeSubnetManager {
             nodes: Api::all(client),
             node_name,
             annotations,
@@ -159,20 +159,13 @@ impl KubeSubnetManager {
             server,
         };
         let node = manager.own_node().await?;
-        let node_public_ip = ipv4_annotation(&node, &manager.annotations.node_public_ip)?;
+        manager.node_public_ip = ipv4_annotation(&node, &manager.annotations.node_public_ip)?;
         info!(node = %manager.node_name, server = %manager.server, "connected to the Kubernetes API server");
-        Ok(KubeSubnetManager {
-            node_public_ip,
-            ..manager
-        })
+        Ok(manager)
     }
 
     pub fn node_name(&self) -> &str {
         &self.node_name
-    }
-
-    pub fn annotations(&self) -> &Annotations {
-        &self.annotations
     }
 
     /// The own node's `<prefix>/node-public-ip` annotation, read when connecting.
