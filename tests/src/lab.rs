@@ -1,9 +1,11 @@
-//! The lab: a fabric namespace (the underlay switch, etcd, an external host), node
-//! namespaces each running a `weft agent`, and pod namespaces attached by the CNI plugin.
-//! Each agent runs the dataplane the config chooses for its node (`--dataplane=kernel|bpf`)
-//! and pins its maps on a bpffs the lab mounts for all nodes, so pins outlive restarts.
+//! The lab: a fabric namespace (the underlay switch, etcd or the Kubernetes API server, an
+//! external host), node namespaces each running a `weft agent`, and pod namespaces attached
+//! by the CNI plugin. Each agent runs the dataplane the config chooses for its node
+//! (`--dataplane=kernel|bpf`) and pins its maps on a bpffs the lab mounts for all nodes, so
+//! pins outlive restarts. The agents keep their leases in etcd (`SubnetManager::Etcd`) or,
+//! as flannel in a cluster, in Node annotations (`SubnetManager::Kube`, see `kube_lab`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::MetadataExt;
@@ -14,10 +16,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
+use crate::apiserver::{ControlClient, Rule, User};
 use crate::bpf::{self as bpf_maps, BpfCounters, Bpffs, TcFilter};
 use crate::etcd::{Etcd, ETCD_ENDPOINT};
 use crate::exec::{ip, run, run_in, wait_until, Cmd};
 use crate::icmp;
+use crate::kube_lab::{self, ApiServer};
 use crate::netns::{self, HOST_LOCAL_STATE, TEMP_DIR_PREFIX};
 use crate::process::{tail, Capture, NetnsProcess};
 
@@ -32,6 +36,13 @@ pub const FABRIC_BRIDGE: &str = "br0";
 /// Standard plugins the flannel CNI plugin delegates to.
 const STANDARD_CNI_PLUGINS: [&str; 4] = ["bridge", "host-local", "loopback", "portmap"];
 const STANDARD_CNI_DIR: &str = "/usr/lib/cni";
+/// flanneld's etcd lease TTL (24 h).
+const LEASE_TTL_SECONDS: &str = "86400";
+/// In kube mode, the API server knows users for this many nodes beyond `LabConfig.nodes`
+/// (its users are fixed when it starts), so that `add_node` works.
+pub const KUBE_SPARE_NODES: usize = 4;
+/// Prefix length of the podCIDRs the lab assigns in kube mode (node i: i-th /24).
+const KUBE_POD_CIDR_LEN: u8 = 24;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -77,6 +88,26 @@ impl Dataplane {
     }
 }
 
+/// Where the agents keep their leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SubnetManager {
+    /// etcd in the fabric namespace (`--etcd-endpoints`), leases chosen by the agents.
+    #[default]
+    Etcd,
+    /// The Kubernetes API server emulator in the fabric namespace (`--kube-subnet-mgr`):
+    /// each node's lease is its Node's podCIDR, published as flannel's annotations.
+    Kube,
+}
+
+/// Kube mode's exceptions, by node index (from 1; also for nodes added later).
+#[derive(Debug, Clone, Default)]
+pub struct KubeLabConfig {
+    /// RBAC rules of a node's user instead of deploy/weft.yml's.
+    pub node_rules: BTreeMap<usize, Vec<Rule>>,
+    /// Nodes whose Node object gets no podCIDR (the controller-manager allocated none).
+    pub without_pod_cidr: BTreeSet<usize>,
+}
+
 #[derive(Debug, Clone)]
 pub struct LabConfig {
     /// Nodes created at start (numbered from 1; node i has 198.18.0.(10+i)).
@@ -97,6 +128,10 @@ pub struct LabConfig {
     pub node_dataplanes: BTreeMap<usize, Dataplane>,
     /// `"DirectRouting": true` in the vxlan backend config (ignored for host-gw).
     pub direct_routing: bool,
+    /// etcd (default) or the Kubernetes API.
+    pub subnet_manager: SubnetManager,
+    /// Per-node exceptions in kube mode.
+    pub kube: KubeLabConfig,
 }
 
 impl Default for LabConfig {
@@ -111,12 +146,14 @@ impl Default for LabConfig {
             dataplane: Dataplane::Kernel,
             node_dataplanes: BTreeMap::new(),
             direct_routing: false,
+            subnet_manager: SubnetManager::Etcd,
+            kube: KubeLabConfig::default(),
         }
     }
 }
 
 impl LabConfig {
-    /// The network config as stored at `<prefix>/config`.
+    /// The network config as stored at `<prefix>/config` (kube mode: net-conf.json).
     pub fn net_conf(&self) -> String {
         let mut backend = json!({"Type": self.backend.type_name()});
         if self.direct_routing && self.backend == Backend::Vxlan {
@@ -138,6 +175,8 @@ impl LabConfig {
 #[derive(Debug)]
 pub struct Node {
     pub index: usize,
+    /// Its Kubernetes name (`n<index>`; kube mode: its Node object and NODE_NAME).
+    pub name: String,
     pub ns: String,
     pub ip: Ipv4Addr,
     /// Per-node files: subnet.env, agent log, CNI data.
@@ -151,6 +190,8 @@ pub struct Node {
     pub dataplane: Dataplane,
     /// Its `--bpf-dir`: a directory on the lab's bpffs, which outlives agent restarts.
     pub bpf_dir: PathBuf,
+    /// Kube mode: its `--net-config-path` (net-conf.json, as mounted from the ConfigMap).
+    pub net_conf_file: PathBuf,
     agent: Option<NetnsProcess>,
     agent_log: PathBuf,
     pod_count: usize,
@@ -166,9 +207,11 @@ pub struct Pod {
     pub node: usize,
 }
 
-/// A subnet lease as stored in etcd by flanneld or weft.
+/// A subnet lease as stored in etcd by flanneld or weft; in kube mode, as a Node's
+/// annotations publish it (see [`kube_lab::lease_of_node`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lease {
+    /// The etcd key; in kube mode the Node's name.
     pub key: String,
     /// Network address of the subnet (e.g. 10.244.3.0).
     pub subnet: Ipv4Addr,
@@ -218,6 +261,10 @@ pub struct Lab {
     cni_bin_dir: PathBuf,
     fabric: String,
     etcd: Option<Etcd>,
+    /// Kube mode: the API server emulator in the fabric namespace.
+    api: Option<ApiServer>,
+    /// Kube mode: the bearer token of each node's user, by node index.
+    kube_users: BTreeMap<usize, User>,
     nodes: Vec<Node>,
     pods: Vec<Pod>,
     /// Every namespace this lab created, in creation order.
@@ -231,9 +278,10 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// Builds the fabric and etcd, stores the network config, creates `config.nodes`
-    /// nodes and (if `config.start_agents`) starts an agent on each and waits until all
-    /// are ready. Everything is removed when the Lab is dropped, also on error or panic.
+    /// Builds the fabric and etcd (kube mode: the API server), stores the network config,
+    /// creates `config.nodes` nodes (kube mode: and their Node objects) and (if
+    /// `config.start_agents`) starts an agent on each and waits until all are ready.
+    /// Everything is removed when the Lab is dropped, also on error or panic.
     /// Use a Lab from the thread that started it: its processes die with that thread.
     pub fn start(config: LabConfig) -> Result<Lab> {
         let prefix = netns::unique_prefix();
@@ -256,6 +304,8 @@ impl Lab {
             bin_dir,
             cni_bin_dir,
             etcd: None,
+            api: None,
+            kube_users: BTreeMap::new(),
             nodes: Vec::new(),
             pods: Vec::new(),
             namespaces: Vec::new(),
@@ -267,11 +317,16 @@ impl Lab {
             lab.binary("weft")?;
         }
         lab.create_fabric()?;
-        let etcd_dir = lab.dir.path().join("etcd");
-        let etcd_log = lab.dir.path().join("etcd.log");
-        lab.etcd = Some(Etcd::start(&lab.fabric, &etcd_dir, &etcd_log)?);
-        let net_conf = lab.config.net_conf();
-        lab.etcdctl(&["put", &format!("{ETCD_PREFIX}/config"), &net_conf])?;
+        match lab.config.subnet_manager {
+            SubnetManager::Etcd => {
+                let etcd_dir = lab.dir.path().join("etcd");
+                let etcd_log = lab.dir.path().join("etcd.log");
+                lab.etcd = Some(Etcd::start(&lab.fabric, &etcd_dir, &etcd_log)?);
+                let net_conf = lab.config.net_conf();
+                lab.etcdctl(&["put", &format!("{ETCD_PREFIX}/config"), &net_conf])?;
+            }
+            SubnetManager::Kube => lab.start_api_server()?,
+        }
         lab.install_cni_plugins()?;
         for _ in 0..lab.config.nodes {
             lab.add_node()?;
@@ -341,6 +396,42 @@ impl Lab {
         Ok(())
     }
 
+    /// Kube mode: users for nodes 1..=nodes + KUBE_SPARE_NODES (each its own token, the
+    /// rules of deploy/weft.yml unless `config.kube.node_rules` says otherwise), then
+    /// `weft-apiserver` in the fabric namespace on 198.18.0.254:6443.
+    fn start_api_server(&mut self) -> Result<()> {
+        let binary = self.binary("weft-apiserver")?;
+        let weft_rules = kube_lab::weft_rbac_rules()?;
+        for index in 1..=self.config.nodes + KUBE_SPARE_NODES {
+            let rules = self
+                .config
+                .kube
+                .node_rules
+                .get(&index)
+                .cloned()
+                .unwrap_or_else(|| weft_rules.clone());
+            let user = User::new(
+                &kube_lab::agent_user(&node_name(index)),
+                &kube_lab::random_token(),
+                rules,
+            );
+            self.kube_users.insert(index, user);
+        }
+        let users: Vec<User> = self.kube_users.values().cloned().collect();
+        let listen = kube_lab::API_LISTEN
+            .parse()
+            .context("the lab's API address")?;
+        self.api = Some(ApiServer::start(
+            &binary,
+            &self.fabric,
+            listen,
+            &self.dir.path().join("apiserver"),
+            &users,
+            &self.dir.path().join("apiserver.log"),
+        )?);
+        Ok(())
+    }
+
     /// A per-lab CNI bin dir: weft-cni installed as `flannel` next to the standard plugins.
     fn install_cni_plugins(&self) -> Result<()> {
         std::fs::create_dir_all(&self.cni_bin_dir)?;
@@ -357,12 +448,19 @@ impl Lab {
         Ok(())
     }
 
-    /// Adds a node (namespace, underlay port, forwarding on) without starting its agent.
-    /// Returns its index.
+    /// Adds a node (namespace, underlay port, forwarding on) without starting its agent;
+    /// in kube mode also its net-conf.json and its Node object. Returns its index.
     pub fn add_node(&mut self) -> Result<usize> {
         let index = self.nodes.len() + 1;
         if index > 200 {
             bail!("a lab holds at most 200 nodes");
+        }
+        if self.api.is_some() && !self.kube_users.contains_key(&index) {
+            bail!(
+                "the lab's API server has users for nodes 1..={} only (LabConfig.nodes + \
+                 KUBE_SPARE_NODES): start the lab with more nodes",
+                self.kube_users.len()
+            );
         }
         let ns = self.create_ns(&format!("n{index}"))?;
         let node_ip = Ipv4Addr::new(198, 18, 0, 10 + index as u8);
@@ -387,9 +485,24 @@ impl Lab {
             .as_ref()
             .context("the lab's bpffs is not mounted")?;
         let bpf_dir = bpffs.path().join(format!("n{index}"));
+        let name = node_name(index);
+        let net_conf_file = dir.join("net-conf.json");
+        if let Some(api) = &self.api {
+            std::fs::write(&net_conf_file, self.config.net_conf())
+                .with_context(|| format!("cannot write {}", net_conf_file.display()))?;
+            let pod_cidr = (!self.config.kube.without_pod_cidr.contains(&index))
+                .then(|| self.assigned_pod_cidr(index))
+                .transpose()?;
+            let object = kube_lab::node_object(&name, node_ip, pod_cidr.as_deref())?;
+            api.control()
+                .create_node(&object)
+                .with_context(|| format!("creating the Node object {name}"))?;
+        }
         self.nodes.push(Node {
             dataplane: self.config.dataplane_of(index),
             bpf_dir,
+            net_conf_file,
+            name,
             index,
             subnet_file: dir.join("subnet.env"),
             agent_log: dir.join("agent.log"),
@@ -428,18 +541,31 @@ impl Lab {
         self.nodes.len()
     }
 
-    /// The command line of node `index`'s agent: weft's flags for the lab (etcd, per-node
+    /// The command line of node `index`'s agent: weft's flags for the lab (etcd, or in kube
+    /// mode `--kube-subnet-mgr` with the node's kubeconfig and net-conf.json; per-node
     /// subnet file, eth0, `--dataplane`, `--bpf-dir`) and the config's extra flags.
     pub fn agent_args(&self, index: usize) -> Result<Vec<String>> {
         let weft = self.binary("weft")?;
         let node = self.node(index);
-        let mut args: Vec<String> = vec![
-            weft.to_string_lossy().into_owned(),
-            "agent".into(),
-            "--etcd-endpoints".into(),
-            ETCD_ENDPOINT.into(),
-            "--etcd-prefix".into(),
-            ETCD_PREFIX.into(),
+        let mut args: Vec<String> = vec![weft.to_string_lossy().into_owned(), "agent".into()];
+        match &self.api {
+            None => args.extend([
+                "--etcd-endpoints".into(),
+                ETCD_ENDPOINT.into(),
+                "--etcd-prefix".into(),
+                ETCD_PREFIX.into(),
+            ]),
+            Some(api) => args.extend([
+                "--kube-subnet-mgr".into(),
+                "--kubeconfig-file".into(),
+                api.kubeconfig(&self.kube_user(index)?)
+                    .to_string_lossy()
+                    .into_owned(),
+                "--net-config-path".into(),
+                node.net_conf_file.to_string_lossy().into_owned(),
+            ]),
+        }
+        args.extend([
             "--subnet-file".into(),
             node.subnet_file.to_string_lossy().into_owned(),
             "--iface".into(),
@@ -447,7 +573,7 @@ impl Lab {
             format!("--dataplane={}", node.dataplane.flag_value()),
             "--bpf-dir".into(),
             node.bpf_dir.to_string_lossy().into_owned(),
-        ];
+        ]);
         if self.config.ip_masq {
             args.push("--ip-masq".into());
         }
@@ -455,11 +581,25 @@ impl Lab {
         Ok(args)
     }
 
+    /// The environment of node `index`'s agent: its log settings and, in kube mode,
+    /// NODE_NAME (as the DaemonSet sets it from spec.nodeName).
+    fn agent_env(&self, index: usize) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("RUST_LOG".to_string(), agent_rust_log()),
+            // Plain text in the log files.
+            ("NO_COLOR".to_string(), "1".to_string()),
+        ];
+        if self.api.is_some() {
+            env.push(("NODE_NAME".to_string(), self.node(index).name.clone()));
+        }
+        env
+    }
+
     /// Spawns `weft agent` on node `index` and returns at once: the instant just before
     /// the spawn and the subnet file's stamp before it (for `wait_agent_ready`).
     pub fn spawn_agent(&mut self, index: usize) -> Result<(Instant, Option<FileStamp>)> {
         let args = self.agent_args(index)?;
-        let rust_log = agent_rust_log();
+        let env = self.agent_env(index);
         let node = self.node_mut(index);
         if node
             .agent
@@ -478,11 +618,7 @@ impl Lab {
             &format!("weft agent on node {index}"),
             &node.ns,
             &args,
-            &[
-                ("RUST_LOG".to_string(), rust_log),
-                // Plain text in the log files.
-                ("NO_COLOR".to_string(), "1".to_string()),
-            ],
+            &env,
             &node.agent_log,
         )?;
         node.agent = Some(agent);
@@ -557,12 +693,13 @@ impl Lab {
             &node.agent_log,
             &format!("--- lab: running {}", args.join(" ")),
         );
-        let out = Cmd::new(args.clone())
+        let mut cmd = Cmd::new(args.clone())
             .netns(&node.ns)
-            .env("RUST_LOG", agent_rust_log())
-            .env("NO_COLOR", "1")
-            .timeout(Duration::from_secs(30))
-            .output()?;
+            .timeout(Duration::from_secs(30));
+        for (key, value) in self.agent_env(index) {
+            cmd = cmd.env(&key, value);
+        }
+        let out = cmd.output()?;
         let printed = format!("{}{}", out.stdout, out.stderr);
         append_line(&node.agent_log, printed.trim_end());
         if !out.status.success() {
@@ -581,6 +718,29 @@ impl Lab {
             .agent
             .as_mut()
             .is_some_and(|agent| agent.exit_status().is_none())
+    }
+
+    /// Waits (at most `timeout`) until the agent of node `index` exits; returns how it ended.
+    pub fn wait_agent_exit(
+        &mut self,
+        index: usize,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let mut status = None;
+        let agent = self
+            .node_mut(index)
+            .agent
+            .as_mut()
+            .with_context(|| format!("node {index} has no agent"))?;
+        wait_until(
+            &format!("the agent of node {index} to exit"),
+            timeout,
+            || {
+                status = agent.exit_status();
+                Ok(status.is_some())
+            },
+        )?;
+        status.context("no exit status")
     }
 
     pub fn agent_log_tail(&self, index: usize, lines: usize) -> String {
@@ -730,10 +890,78 @@ impl Lab {
             .ctl(args)
     }
 
-    /// All subnet leases in etcd.
+    /// All subnet leases in etcd; in kube mode, those the Nodes' annotations publish.
     pub fn leases(&self) -> Result<Vec<Lease>> {
+        if let Some(api) = &self.api {
+            let mut leases = Vec::new();
+            for node in api.control().nodes()? {
+                leases.extend(kube_lab::lease_of_node(&node)?);
+            }
+            return Ok(leases);
+        }
         let out = self.etcdctl(&["get", "--prefix", &format!("{ETCD_PREFIX}/subnets/")])?;
         parse_leases(&out)
+    }
+
+    /// Publishes the lease of node `index` by hand, as flanneld would for a vxlan lease of
+    /// /24 `subnet`: in etcd, `<prefix>/subnets/<subnet>-24` bound to a 24 h etcd lease;
+    /// in kube mode, flannel's annotations (and condition) on its Node, whose podCIDR
+    /// must be `subnet`. For nodes that run no agent.
+    pub fn publish_flanneld_lease(
+        &self,
+        index: usize,
+        subnet: Ipv4Addr,
+        vni: u32,
+        vtep_mac: &str,
+    ) -> Result<()> {
+        let public_ip = self.node_ip(index);
+        let Some(api) = &self.api else {
+            let grant = self.etcdctl(&["lease", "grant", LEASE_TTL_SECONDS])?;
+            // "lease 694d7b3a9c1f2e0b granted with TTL(86400s)"
+            let lease_id = grant
+                .split_whitespace()
+                .nth(1)
+                .with_context(|| format!("unexpected `etcdctl lease grant` output: {grant}"))?
+                .to_string();
+            let key = format!("{ETCD_PREFIX}/subnets/{subnet}-24");
+            let value = json!({
+                "PublicIP": public_ip.to_string(),
+                "BackendType": "vxlan",
+                "BackendData": {"VNI": vni, "VtepMAC": vtep_mac},
+            });
+            self.etcdctl(&[
+                "put",
+                &format!("--lease={lease_id}"),
+                &key,
+                &value.to_string(),
+            ])?;
+            return Ok(());
+        };
+        let name = &self.node(index).name;
+        let control = api.control();
+        let node = kube_lab::get_node(control, name)?;
+        let pod_cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.clone());
+        let expected = format!("{subnet}/{KUBE_POD_CIDR_LEN}");
+        if pod_cidr.as_deref() != Some(expected.as_str()) {
+            bail!("node {name} has podCIDR {pod_cidr:?}, not {expected}: in kube mode a node's lease is its podCIDR (see Lab::assigned_pod_cidr)");
+        }
+        let annotations = kube_lab::flanneld_vxlan_annotations(public_ip, vni, vtep_mac);
+        control.patch_node(name, &json!({"metadata": {"annotations": annotations}}))?;
+        // flanneld then clears NetworkUnavailable (conditions merge by type).
+        let mut conditions: Vec<Value> = node
+            .status
+            .and_then(|s| s.conditions)
+            .into_iter()
+            .flatten()
+            .filter(|c| c.type_ != "NetworkUnavailable")
+            .map(|c| serde_json::to_value(c).expect("a NodeCondition serializes"))
+            .collect();
+        conditions.push(json!({
+            "type": "NetworkUnavailable", "status": "False", "reason": "FlannelIsUp",
+            "message": "Flannel is running on this node",
+        }));
+        control.patch_node(name, &json!({"status": {"conditions": conditions}}))?;
+        Ok(())
     }
 
     /// The lease whose PublicIP is node `index`'s address.
@@ -741,14 +969,75 @@ impl Lab {
         let ip = self.node_ip(index);
         let leases = self.leases()?;
         let mut mine = leases.iter().filter(|l| l.public_ip == ip);
-        let lease = mine
-            .next()
-            .cloned()
-            .ok_or_else(|| anyhow!("no lease with PublicIP {ip} (node {index}) in etcd"))?;
+        let lease = mine.next().cloned().ok_or_else(|| {
+            anyhow!(
+                "no lease with PublicIP {ip} (node {index}) in {}",
+                self.lease_store()
+            )
+        })?;
         if mine.next().is_some() {
             bail!("more than one lease with PublicIP {ip} (node {index}): {leases:#?}");
         }
         Ok(lease)
+    }
+
+    fn lease_store(&self) -> &'static str {
+        match self.config.subnet_manager {
+            SubnetManager::Etcd => "etcd",
+            SubnetManager::Kube => "the Node annotations",
+        }
+    }
+
+    /// Kube mode: the control client of the lab's API server (nodes, faults, request log).
+    pub fn api(&self) -> Result<&ControlClient> {
+        self.api
+            .as_ref()
+            .map(ApiServer::control)
+            .ok_or_else(|| anyhow!("the lab runs no API server: start it with LabConfig {{ subnet_manager: SubnetManager::Kube, .. }}"))
+    }
+
+    /// Kube mode: `https://198.18.0.254:6443`.
+    pub fn api_url(&self) -> Result<&str> {
+        self.api
+            .as_ref()
+            .map(ApiServer::url)
+            .ok_or_else(|| anyhow!("the lab runs no API server"))
+    }
+
+    /// Kube mode: the RBAC user of node `index`'s agent (its own service account).
+    pub fn kube_user(&self, index: usize) -> Result<String> {
+        self.kube_users
+            .get(&index)
+            .map(|u| u.name.clone())
+            .ok_or_else(|| anyhow!("the lab's API server has no user for node {index}"))
+    }
+
+    /// Kube mode: the Node object of node `index`.
+    pub fn kube_node(&self, index: usize) -> Result<k8s_openapi::api::core::v1::Node> {
+        kube_lab::get_node(self.api()?, &self.node(index).name)
+    }
+
+    /// The podCIDR the lab's "controller-manager" gives node `index` in kube mode: the
+    /// `index`-th /24 of the Network (10.244.<index>.0/24 for 10.244.0.0/16).
+    pub fn assigned_pod_cidr(&self, index: usize) -> Result<String> {
+        let network = &self.config.network;
+        let (base, len) = network
+            .split_once('/')
+            .with_context(|| format!("Network {network:?} is not a CIDR"))?;
+        let base: Ipv4Addr = base
+            .parse()
+            .with_context(|| format!("Network {network:?}"))?;
+        let len: u8 = len
+            .parse()
+            .with_context(|| format!("Network {network:?}"))?;
+        let capacity = 1usize << KUBE_POD_CIDR_LEN.saturating_sub(len).min(16);
+        if len >= KUBE_POD_CIDR_LEN || index >= capacity {
+            bail!(
+                "Network {network} has no room for a /{KUBE_POD_CIDR_LEN} podCIDR for node {index}"
+            );
+        }
+        let subnet = Ipv4Addr::from(u32::from(base) + ((index as u32) << 8));
+        Ok(format!("{subnet}/{KUBE_POD_CIDR_LEN}"))
     }
 
     /// `ip -j <args>` in namespace `ns`, parsed (an empty output is an empty list).
@@ -1025,6 +1314,29 @@ impl Lab {
         if let Some(etcd) = &self.etcd {
             let _ = writeln!(out, "===== etcd log (tail) =====\n{}", tail(etcd.log(), 10));
         }
+        if let Some(api) = &self.api {
+            let _ = writeln!(
+                out,
+                "===== weft-apiserver log (tail) =====\n{}",
+                tail(api.log(), 10)
+            );
+            match api.control().nodes() {
+                Ok(nodes) => {
+                    for node in nodes {
+                        let _ = writeln!(
+                            out,
+                            "Node {}: podCIDR {:?}, {:?}",
+                            node.metadata.name.as_deref().unwrap_or_default(),
+                            node.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()),
+                            kube_lab::flannel_annotations(&node)
+                        );
+                    }
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "Nodes: {e:#}");
+                }
+            }
+        }
         out
     }
 
@@ -1044,6 +1356,9 @@ impl Lab {
         }
         if let Some(mut etcd) = self.etcd.take() {
             etcd.stop();
+        }
+        if let Some(mut api) = self.api.take() {
+            api.stop();
         }
         // Pods, then nodes, then the fabric: the reverse of creation.
         for ns in self.namespaces.iter().rev() {
@@ -1070,6 +1385,11 @@ impl Drop for Lab {
         }
         self.teardown();
     }
+}
+
+/// The Kubernetes name of node `index`.
+fn node_name(index: usize) -> String {
+    format!("n{index}")
 }
 
 /// RUST_LOG of the agents: the caller's, else info with weft's debug messages.

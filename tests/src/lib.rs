@@ -15,7 +15,9 @@ pub mod bpf;
 pub mod etcd;
 pub mod exec;
 pub mod icmp;
+pub mod kube_lab;
 pub mod lab;
+pub mod load;
 pub mod netns;
 pub mod packet;
 pub mod plain_flannel;
@@ -26,8 +28,8 @@ pub use bpf::{BpfCounters, TcFilter};
 pub use exec::{wait_until, Cmd};
 pub use icmp::{Flood, FloodReport, ProbeOutcome};
 pub use lab::{
-    Backend, Dataplane, Lab, LabConfig, Lease, PingMatrix, Pod, VxlanPacket, EXTERNAL_HOST,
-    FABRIC_IP,
+    Backend, Dataplane, KubeLabConfig, Lab, LabConfig, Lease, PingMatrix, Pod, SubnetManager,
+    VxlanPacket, EXTERNAL_HOST, FABRIC_IP,
 };
 pub use plain_flannel::PlainFlannelNode;
 pub use traffic::{IperfReport, TcpFlow, TcpFlowReport};

@@ -1,20 +1,19 @@
 //! A node that runs no weft: configured with plain `ip`/`bridge` commands exactly as
 //! flanneld's vxlan backend leaves the kernel (flannel-compat.md, "vxlan backend"), with
-//! its lease written by hand in flannel's JSON. It stands for a node still on flanneld.
+//! its lease written by hand in flannel's JSON (in etcd, or in kube mode as flanneld's
+//! Node annotations). It stands for a node still on flanneld.
 
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
-use serde_json::json;
 
 use crate::exec::{bridge, ip, run_in};
-use crate::lab::{Lab, Pod, ETCD_PREFIX, VXLAN_PORT};
+use crate::lab::{Lab, Pod, VXLAN_PORT};
 
 pub const VXLAN_DEVICE: &str = "flannel.1";
 const VNI: u32 = 1;
 const UNDERLAY_MTU: u32 = 1500;
 const VXLAN_OVERHEAD: u32 = 50;
-const LEASE_TTL_SECONDS: &str = "86400";
 
 pub struct PlainFlannelNode {
     pub node: usize,
@@ -30,8 +29,9 @@ fn offset(net: Ipv4Addr, host: u32) -> Ipv4Addr {
 
 impl PlainFlannelNode {
     /// Turns node `node` of `lab` (which must run no agent) into a flannel-style vxlan
-    /// node for /24 `subnet` with VTEP MAC `vtep_mac`: flannel.1, cni0 and its lease in
-    /// etcd (bound to a 24 h etcd lease, as flanneld does).
+    /// node for /24 `subnet` with VTEP MAC `vtep_mac`: flannel.1, cni0 and its lease as
+    /// flanneld publishes it ([`Lab::publish_flanneld_lease`]; in kube mode `subnet` must
+    /// be the node's podCIDR, [`Lab::assigned_pod_cidr`]).
     pub fn setup(lab: &mut Lab, node: usize, subnet: Ipv4Addr, vtep_mac: &str) -> Result<Self> {
         let ns = lab.node_ns(node).to_string();
         let public_ip = lab.node_ip(node);
@@ -47,25 +47,7 @@ impl PlainFlannelNode {
         ip(&ns, &format!("addr add {}/24 dev cni0", offset(subnet, 1)))?;
         ip(&ns, "link set cni0 up")?;
 
-        let grant = lab.etcdctl(&["lease", "grant", LEASE_TTL_SECONDS])?;
-        // "lease 694d7b3a9c1f2e0b granted with TTL(86400s)"
-        let lease_id = grant
-            .split_whitespace()
-            .nth(1)
-            .with_context(|| format!("unexpected `etcdctl lease grant` output: {grant}"))?
-            .to_string();
-        let key = format!("{ETCD_PREFIX}/subnets/{subnet}-24");
-        let value = json!({
-            "PublicIP": public_ip.to_string(),
-            "BackendType": "vxlan",
-            "BackendData": {"VNI": VNI, "VtepMAC": vtep_mac},
-        });
-        lab.etcdctl(&[
-            "put",
-            &format!("--lease={lease_id}"),
-            &key,
-            &value.to_string(),
-        ])?;
+        lab.publish_flanneld_lease(node, subnet, VNI, vtep_mac)?;
         Ok(PlainFlannelNode {
             node,
             subnet,

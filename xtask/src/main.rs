@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench`.
 //!
 //! The alias in `.cargo/config.toml` runs this binary with rustup's cargo; the
 //! eBPF build switches to Debian's cargo/rustc (see [`ebpf`]).
 
+mod bench;
 mod demo;
 mod ebpf;
 mod setup;
@@ -38,6 +39,15 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// setup, build-ebpf, build the agent and the benchmark in release, and measure
+    /// pod-to-pod throughput and ping-pong rate on every path (kernel host-gw, kernel
+    /// VXLAN, weft BPF VXLAN and direct route, same node); writes target/bench/bench.md.
+    Bench {
+        /// Arguments passed on to weft-bench (--quick, --duration S, --runs N,
+        /// --paths a,b, --out FILE).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -46,6 +56,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => ebpf::build().map(drop),
         Task::Test => test(),
         Task::Demo { args } => demo::run(&args),
+        Task::Bench { args } => bench::run(&args),
     }
 }
 
