@@ -551,11 +551,11 @@ pub async fn neighbours(handle: &Handle, index: u32) -> Result<Vec<Neighbour>> {
 }
 
 /// NUD_PERMANENT may come with other bits (`bridge fdb add ... permanent` adds NUD_NOARP).
-fn is_permanent(state: NeighbourState) -> bool {
+pub(crate) fn is_permanent(state: NeighbourState) -> bool {
     u16::from(state) & u16::from(NeighbourState::Permanent) != 0
 }
 
-fn lladdr(attrs: &[NeighbourAttribute]) -> Option<MacAddr> {
+pub(crate) fn lladdr(attrs: &[NeighbourAttribute]) -> Option<MacAddr> {
     attrs.iter().find_map(|a| match a {
         NeighbourAttribute::LinkLayerAddress(bytes) => mac_from_bytes(bytes),
         _ => None,

@@ -22,7 +22,7 @@ use futures::channel::mpsc::UnboundedReceiver;
 use futures::{StreamExt, TryStreamExt};
 use ipnetwork::Ipv4Network;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
-use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourMessage, NeighbourState};
+use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::sys::SocketAddr;
@@ -358,20 +358,10 @@ async fn bridge_fdb(handle: &Handle, bridge: u32) -> Result<HashMap<MacAddr, u32
         .try_collect()
         .await
         .context("listing the bridge FDB")?;
-    let permanent = u16::from(NeighbourState::Permanent);
     Ok(msgs
         .iter()
-        .filter(|m| controller(m) == Some(bridge))
-        .filter(|m| u16::from(m.header.state) & permanent == 0)
-        .filter_map(|m| {
-            let mac = m.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::LinkLayerAddress(bytes) => {
-                    <[u8; 6]>::try_from(bytes.as_slice()).ok().map(MacAddr)
-                }
-                _ => None,
-            })?;
-            Some((mac, m.header.ifindex))
-        })
+        .filter(|m| controller(m) == Some(bridge) && !nl::is_permanent(m.header.state))
+        .filter_map(|m| Some((nl::lladdr(&m.attributes)?, m.header.ifindex)))
         .collect())
 }
 
