@@ -12,6 +12,7 @@
 
 pub mod apiserver;
 pub mod bpf;
+pub mod cp_bench;
 pub mod etcd;
 pub mod exec;
 pub mod icmp;

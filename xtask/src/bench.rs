@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: build the agent (release, with the eBPF object embedded) and the
 //! benchmark, then run `weft-bench` (package weft-tests), which measures pod-to-pod
-//! throughput and ping-pong rate on every path in namespace labs and writes a markdown
-//! report (default target/bench/bench.md).
+//! throughput and ping-pong rate on every path in namespace labs, then the control plane
+//! (5,000 Nodes through the API server emulator into an agent, BPF and kernel dataplane),
+//! and writes a markdown report (default target/bench/bench.md).
 
 use anyhow::Result;
 
@@ -19,6 +20,9 @@ pub fn run(args: &[String]) -> Result<()> {
         "weft-tests",
         "--bin",
         "weft-bench",
+        // The control-plane section's API server.
+        "--bin",
+        "weft-apiserver",
     ]))?;
     let release = target_dir().join("release");
     execute(

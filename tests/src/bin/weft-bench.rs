@@ -4,7 +4,9 @@
 //! namespace lab (all labs live side by side; runs go round-robin over the paths, in
 //! alternating order, to spread drift), iperf3 for throughput and sockperf TCP ping-pong
 //! for the request/response rate and latency. Prints a markdown table with the ratios and
-//! the targets, and writes it to a file.
+//! the targets, and writes it to a file. Then the control-plane section (see
+//! `weft_tests::cp_bench`): 5,000 Nodes through the API server emulator into the agent of
+//! a kube-mode lab, on the BPF and the kernel dataplane; its table is appended to the file.
 //!
 //! Run as root after `cargo build --release -p weft --bins` (or `cargo xtask bench`).
 
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use weft_common::Counter;
+use weft_tests::cp_bench::{self, CpOptions, MAX_CP_NODES};
 use weft_tests::exec::run;
 use weft_tests::{icmp, Backend, BpfCounters, Dataplane, IperfReport, Lab, LabConfig, Pod};
 
@@ -27,15 +30,21 @@ const BPF_PATH_TIMEOUT: Duration = Duration::from_secs(20);
 
 const USAGE: &str = "\
 usage: weft-bench [--quick] [--duration SECONDS] [--runs N] [--paths NAME,...] [--out FILE]
-                  [--hold SECONDS]
+                  [--hold SECONDS] [--control-plane] [--cp-nodes N]
 
   --duration   seconds per iperf3 and per sockperf run (default 10)
   --runs       runs per path and tool; medians are reported (default 3)
   --quick      --duration 3 --runs 1, for development
   --paths      only these paths: same-node, kernel-host-gw, kernel-vxlan, bpf-vxlan,
-               bpf-direct (default all)
-  --out        where to write the markdown report (default target/bench/bench.md)
+               bpf-direct, control-plane (default all)
+  --control-plane  only the control-plane section (same as --paths control-plane)
+  --cp-nodes   Nodes the control-plane section feeds the agent (default 5000)
+  --out        where to write the markdown report (default target/bench/bench.md; the
+               control-plane section is appended to it)
   --hold       keep the labs this many seconds after measuring (to look inside them)";
+
+/// The `--paths` name of the control-plane section.
+const CONTROL_PLANE: &str = "control-plane";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum PathKind {
@@ -122,6 +131,9 @@ struct Options {
     seconds: u32,
     runs: usize,
     paths: Vec<PathKind>,
+    /// Whether the control-plane section runs.
+    control_plane: bool,
+    cp: CpOptions,
     out: PathBuf,
     /// How long to keep the labs after measuring, for a look inside.
     hold: Duration,
@@ -133,6 +145,8 @@ impl Options {
             seconds: 10,
             runs: 3,
             paths: PathKind::ALL.to_vec(),
+            control_plane: true,
+            cp: CpOptions::default(),
             out: workspace_root().join("target/bench/bench.md"),
             hold: Duration::ZERO,
         };
@@ -172,17 +186,34 @@ impl Options {
                     options.runs = runs;
                 }
                 "--paths" => {
-                    options.paths = value()?
-                        .split(',')
-                        .map(|name| {
+                    let names = value()?;
+                    let names: Vec<&str> = names.split(',').map(str::trim).collect();
+                    options.control_plane = names.contains(&CONTROL_PLANE);
+                    options.paths = names
+                        .iter()
+                        .filter(|&&name| name != CONTROL_PLANE)
+                        .map(|&name| {
                             PathKind::ALL
                                 .into_iter()
-                                .find(|p| p.name() == name.trim())
+                                .find(|p| p.name() == name)
                                 .with_context(|| format!("--paths: unknown path {name:?}\n{USAGE}"))
                         })
                         .collect::<Result<_>>()?;
                     options.paths.sort();
                     options.paths.dedup();
+                }
+                "--control-plane" => {
+                    options.paths.clear();
+                    options.control_plane = true;
+                }
+                "--cp-nodes" => {
+                    let nodes: usize = value()?
+                        .parse()
+                        .context("--cp-nodes: give a count, e.g. --cp-nodes 5000")?;
+                    if !(1..=MAX_CP_NODES).contains(&nodes) {
+                        bail!("--cp-nodes {nodes}: give 1 to {MAX_CP_NODES} nodes");
+                    }
+                    options.cp.nodes = nodes;
                 }
                 "--out" => options.out = PathBuf::from(value()?),
                 "--hold" => {
@@ -203,6 +234,11 @@ impl Options {
 }
 
 fn main() -> ExitCode {
+    // The agents log at info, as deployed (the lab's default adds weft=debug: a line per
+    // lease, which the control-plane figures would pay for). Set before any thread starts.
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "info");
+    }
     let options = match Options::parse(std::env::args().skip(1)) {
         Ok(options) => options,
         Err(e) => {
@@ -210,7 +246,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match bench(&options) {
+    let result = if options.paths.is_empty() {
+        Ok(())
+    } else {
+        bench(&options)
+    };
+    match result.and_then(|()| control_plane_bench(&options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("weft-bench: {e:#}");
@@ -428,6 +469,72 @@ fn bench(options: &Options) -> Result<()> {
         .with_context(|| format!("writing {}", options.out.display()))?;
     println!(
         "weft-bench: report written to {} ({:.0?} in all)",
+        options.out.display(),
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// The control-plane section, on the BPF and the kernel dataplane; appended to the report.
+fn control_plane_bench(options: &Options) -> Result<()> {
+    if !options.control_plane {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let machine = Machine::read();
+    println!(
+        "weft-bench: control plane, {} Nodes and {} changes per dataplane",
+        options.cp.nodes, options.cp.changes
+    );
+    let mut results = Vec::new();
+    for dataplane in [Dataplane::Bpf, Dataplane::Kernel] {
+        let result = cp_bench::run(dataplane, &options.cp).with_context(|| {
+            format!(
+                "control plane on the {} dataplane",
+                cp_bench::label(dataplane)
+            )
+        })?;
+        println!(
+            "  {:<18} {} leases programmed in {} after the list ({:.2} s after start); \
+             change p50 {:.1} ms p99 {:.1} ms; peak RSS {:.1} MiB",
+            cp_bench::label(dataplane),
+            result.nodes,
+            result
+                .programmed_after_list
+                .map_or("-".into(), |d| format!("{:.2} s", d.as_secs_f64())),
+            result.programmed_after_start.as_secs_f64(),
+            result
+                .change_quantile(0.5)
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3,
+            result
+                .change_quantile(0.99)
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3,
+            result.peak_rss_kib as f64 / 1024.0
+        );
+        results.push(result);
+    }
+    let where_ = format!(
+        "{}; {} ({} cores); kernel {}",
+        machine.date, machine.cpu, machine.cores, machine.kernel
+    );
+    let section = cp_bench::render(&where_, &options.cp, &results);
+    println!("\n{section}");
+    if let Some(dir) = options.out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut report = std::fs::read_to_string(&options.out).unwrap_or_default();
+    if !report.is_empty() {
+        report.push('\n');
+    }
+    report.push_str(&section);
+    std::fs::write(&options.out, report)
+        .with_context(|| format!("writing {}", options.out.display()))?;
+    println!(
+        "weft-bench: control-plane section appended to {} ({:.0?})",
         options.out.display(),
         started.elapsed()
     );
@@ -725,6 +832,19 @@ mod tests {
         let o = args("--duration 5 --runs=2").unwrap();
         assert_eq!((o.seconds, o.runs), (5, 2));
         assert!(args("--paths xdp").unwrap_err().to_string().contains("xdp"));
+        assert!(o.control_plane && o.cp.nodes == 5000);
+        let o = args("--paths bpf-vxlan").unwrap();
+        assert!(!o.control_plane);
+        let o = args("--paths control-plane,kernel-vxlan --cp-nodes 300").unwrap();
+        assert_eq!(
+            (o.paths.clone(), o.control_plane),
+            (vec![PathKind::KernelVxlan], true)
+        );
+        assert_eq!(o.cp.nodes, 300);
+        let o = args("--control-plane").unwrap();
+        assert!(o.paths.is_empty() && o.control_plane);
+        assert!(args("--cp-nodes 0").is_err());
+        assert!(args("--cp-nodes 20000").is_err());
         assert!(args("--runs 0").is_err());
         assert!(args("--duration").is_err());
         assert!(args("--fast").is_err());
