@@ -869,6 +869,22 @@ impl Lab {
         }
     }
 
+    /// Panics, listing the failing pairs and the matrix, unless every pod pair pings within
+    /// `within`; `when` names the moment in the message.
+    pub fn assert_all_pairs_ping(&self, pods: &[Pod], when: &str, within: Duration) {
+        let (matrix, took) = self.wait_for_matrix(pods, within);
+        assert!(
+            matrix.all_ok(),
+            "{when}: these pod pairs do not ping within {within:?}:\n{}\n{}",
+            matrix.failures().join("\n"),
+            matrix.render()
+        );
+        eprintln!(
+            "{when}: all {} pod pairs ping ({took:?})",
+            matrix.results.len()
+        );
+    }
+
     /// Repeats `ping_matrix` until every pair pings or `timeout` passes; returns the last
     /// matrix and the time it took.
     pub fn wait_for_matrix(&self, pods: &[Pod], timeout: Duration) -> (PingMatrix, Duration) {
@@ -1587,6 +1603,13 @@ impl PingMatrix {
         }
         out
     }
+}
+
+/// The first pod of `pods` on node `node`.
+pub fn first_pod_on(pods: &[Pod], node: usize) -> &Pod {
+    pods.iter()
+        .find(|p| p.node == node)
+        .unwrap_or_else(|| panic!("no pod on node {node}"))
 }
 
 #[cfg(test)]

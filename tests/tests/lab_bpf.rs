@@ -52,20 +52,6 @@ fn bpf_config(nodes: usize, backend: Backend) -> LabConfig {
     }
 }
 
-fn assert_all_pairs_ping(lab: &Lab, pods: &[Pod], when: &str) {
-    let (matrix, took) = lab.wait_for_matrix(pods, CONVERGENCE);
-    assert!(
-        matrix.all_ok(),
-        "{when}: these pod pairs do not ping within {CONVERGENCE:?}:\n{}\n{}",
-        matrix.failures().join("\n"),
-        matrix.render()
-    );
-    eprintln!(
-        "{when}: all {} pod pairs ping ({took:?})",
-        matrix.results.len()
-    );
-}
-
 /// One round of pings between every pod pair, which must all succeed at once.
 fn assert_one_round_pings(lab: &Lab, pods: &[Pod], when: &str) {
     let matrix = lab.ping_matrix(pods);
@@ -102,7 +88,7 @@ fn converged_lab(config: LabConfig, pods_per_node: usize) -> (Lab, Vec<Pod>) {
         .collect();
     let mut lab = start_lab(config);
     let pods = lab.add_pods(pods_per_node).expect("pods are attached");
-    assert_all_pairs_ping(&lab, &pods, "fresh lab");
+    lab.assert_all_pairs_ping(&pods, "fresh lab", CONVERGENCE);
     wait_bpf_synced(&lab, bpf_nodes);
     (lab, pods)
 }
@@ -439,7 +425,7 @@ fn vxlan_bpf_kernel_and_flannel_nodes_reach_each_other() {
     for _ in 0..2 {
         pods.push(flannel.add_pod(&mut lab).expect("pod on the flannel node"));
     }
-    assert_all_pairs_ping(&lab, &pods, "BPF, kernel and flannel nodes");
+    lab.assert_all_pairs_ping(&pods, "BPF, kernel and flannel nodes", CONVERGENCE);
     wait_bpf_synced(&lab, [1, 2]);
     assert!(
         lab.weft_filters(3).expect("filters").is_empty(),
@@ -813,7 +799,7 @@ fn vxlan_bpf_cleanup_and_switch_to_kernel_leave_no_programs() {
         "after switching to --dataplane=kernel",
     );
     let remaining = [pods[0].clone(), pods[2].clone()];
-    assert_all_pairs_ping(&lab, &remaining, "BPF node 1 and kernel node 3");
+    lab.assert_all_pairs_ping(&remaining, "BPF node 1 and kernel node 3", CONVERGENCE);
     let before = counters(&lab, 1);
     assert_one_round_pings(&lab, &remaining, "second round");
     let delta = counters(&lab, 1).since(&before);

@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use weft_tests::lab::first_pod_on;
 use weft_tests::plain_flannel::VXLAN_DEVICE;
 use weft_tests::{
     icmp, wait_until, Backend, Dataplane, Lab, LabConfig, Lease, PlainFlannelNode, Pod,
@@ -39,32 +40,12 @@ fn lab_with_pods(backend: Backend, ip_masq: bool) -> (Lab, Vec<Pod>) {
     (lab, pods)
 }
 
-fn assert_all_pairs_ping(lab: &Lab, pods: &[Pod], when: &str) {
-    let (matrix, took) = lab.wait_for_matrix(pods, CONVERGENCE);
-    assert!(
-        matrix.all_ok(),
-        "{when}: these pod pairs do not ping within {CONVERGENCE:?}:\n{}\n{}",
-        matrix.failures().join("\n"),
-        matrix.render()
-    );
-    eprintln!(
-        "{when}: all {} pod pairs ping ({took:?})",
-        matrix.results.len()
-    );
-}
-
-fn first_pod_on(pods: &[Pod], node: usize) -> &Pod {
-    pods.iter()
-        .find(|p| p.node == node)
-        .unwrap_or_else(|| panic!("no pod on node {node}"))
-}
-
 // ---------------------------------------------------------------------------------------
 // Every pod pair pings; the pod MTU leaves room for the encapsulation.
 
 fn pods_ping_each_other_with_backend_mtu(backend: Backend) {
     let (lab, pods) = lab_with_pods(backend, true);
-    assert_all_pairs_ping(&lab, &pods, "fresh lab");
+    lab.assert_all_pairs_ping(&pods, "fresh lab", CONVERGENCE);
     let expected = u64::from(backend.pod_mtu());
     for pod in &pods {
         let mtu = lab.link_mtu(&pod.ns, "eth0").expect("pod eth0");
@@ -96,7 +77,7 @@ fn host_gw_pods_ping_each_other_with_mtu_1500() {
 
 fn ip_masq_hides_pods_only_from_outside(backend: Backend) {
     let (lab, pods) = lab_with_pods(backend, true);
-    assert_all_pairs_ping(&lab, &pods, "fresh lab");
+    lab.assert_all_pairs_ping(&pods, "fresh lab", CONVERGENCE);
     for node in 1..=NODES {
         let pod = first_pod_on(&pods, node);
         let filter = format!("icmp[icmptype] == icmp-echo and dst host {EXTERNAL_HOST}");
@@ -178,7 +159,7 @@ fn reach_from_all(sources: &[Pod], target: Ipv4Addr, deadline: Instant) -> Vec<S
 
 fn new_node_is_reachable_within_2s(backend: Backend) {
     let (mut lab, pods) = lab_with_pods(backend, true);
-    assert_all_pairs_ping(&lab, &pods, "before the new node");
+    lab.assert_all_pairs_ping(&pods, "before the new node", CONVERGENCE);
     let new_node = lab.add_node().expect("a 4th node");
 
     let (spawned, before) = lab.spawn_agent(new_node).expect("agent starts");
@@ -316,7 +297,7 @@ fn host_gw_deleting_a_lease_removes_its_routes_everywhere() {
 
 fn agent_restart_keeps_subnet_and_vtep_mac(backend: Backend) {
     let (mut lab, pods) = lab_with_pods(backend, true);
-    assert_all_pairs_ping(&lab, &pods, "before the restart");
+    lab.assert_all_pairs_ping(&pods, "before the restart", CONVERGENCE);
     let node = 2;
     let ns = lab.node_ns(node).to_string();
     let lease_before = lab.lease_of(node).expect("lease");
@@ -355,7 +336,7 @@ fn agent_restart_keeps_subnet_and_vtep_mac(backend: Backend) {
         NODES,
         "a lease was added or lost"
     );
-    assert_all_pairs_ping(&lab, &pods, "after the restart");
+    lab.assert_all_pairs_ping(&pods, "after the restart", CONVERGENCE);
 }
 
 #[test]
@@ -374,7 +355,7 @@ fn host_gw_agent_restart_keeps_subnet() {
 #[test]
 fn vxlan_wire_format_is_flannels() {
     let (lab, pods) = lab_with_pods(Backend::Vxlan, true);
-    assert_all_pairs_ping(&lab, &pods, "fresh lab");
+    lab.assert_all_pairs_ping(&pods, "fresh lab", CONVERGENCE);
     let (from, to) = (first_pod_on(&pods, 1), first_pod_on(&pods, 2));
     let packet = lab
         .capture_vxlan(from, to)
@@ -423,7 +404,7 @@ fn vxlan_weft_nodes_interoperate_with_a_flannel_node() {
     for _ in 0..PODS_PER_NODE {
         pods.push(flannel.add_pod(&mut lab).expect("pod on the flannel node"));
     }
-    assert_all_pairs_ping(&lab, &pods, "weft and flannel nodes");
+    lab.assert_all_pairs_ping(&pods, "weft and flannel nodes", CONVERGENCE);
 
     let from = first_pod_on(&pods, 1);
     let to = first_pod_on(&pods, flannel_node);

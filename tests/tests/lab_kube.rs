@@ -17,6 +17,7 @@ use weft_tests::kube_lab::{
     flannel_annotations, node_condition, node_object, weft_rbac_rules, BACKEND_DATA, BACKEND_TYPE,
     KUBE_SUBNET_MANAGER, PUBLIC_IP,
 };
+use weft_tests::lab::first_pod_on;
 use weft_tests::plain_flannel::VXLAN_DEVICE;
 use weft_tests::{
     wait_until, Backend, Dataplane, Flood, KubeLabConfig, Lab, LabConfig, Lease, PlainFlannelNode,
@@ -68,7 +69,7 @@ fn converged_lab(config: LabConfig) -> (Lab, Vec<Pod>) {
     let dataplane = config.dataplane;
     let mut lab = start_lab(config);
     let pods = lab.add_pods(PODS_PER_NODE).expect("pods are attached");
-    assert_all_pairs_ping(&lab, &pods, "fresh lab");
+    lab.assert_all_pairs_ping(&pods, "fresh lab", CONVERGENCE);
     if dataplane == Dataplane::Bpf {
         for node in 1..=lab.node_count() {
             lab.wait_bpf_synced(node, BPF_SYNC)
@@ -76,26 +77,6 @@ fn converged_lab(config: LabConfig) -> (Lab, Vec<Pod>) {
         }
     }
     (lab, pods)
-}
-
-fn assert_all_pairs_ping(lab: &Lab, pods: &[Pod], when: &str) {
-    let (matrix, took) = lab.wait_for_matrix(pods, CONVERGENCE);
-    assert!(
-        matrix.all_ok(),
-        "{when}: these pod pairs do not ping within {CONVERGENCE:?}:\n{}\n{}",
-        matrix.failures().join("\n"),
-        matrix.render()
-    );
-    eprintln!(
-        "{when}: all {} pod pairs ping ({took:?})",
-        matrix.results.len()
-    );
-}
-
-fn first_pod_on(pods: &[Pod], node: usize) -> &Pod {
-    pods.iter()
-        .find(|p| p.node == node)
-        .unwrap_or_else(|| panic!("no pod on node {node}"))
 }
 
 fn requests(lab: &Lab) -> Vec<RequestRecord> {
@@ -331,7 +312,7 @@ fn removed_node_leaves_every_dataplane(dataplane: Dataplane) {
     let again = lab.lease_of(leaving).expect("the re-published lease");
     assert_eq!(again.vtep_mac, lease.vtep_mac, "the VtepMAC changed");
     wait_peer_entries(&lab, &others, &again, true, "program again");
-    assert_all_pairs_ping(&lab, &pods, "after the node's annotations came back");
+    lab.assert_all_pairs_ping(&pods, "after the node's annotations came back", CONVERGENCE);
 
     // The Node is deleted.
     lab.stop_agent(leaving);
@@ -342,7 +323,7 @@ fn removed_node_leaves_every_dataplane(dataplane: Dataplane) {
     eprintln!("Node deleted: entries gone from every node in {took:?}");
     let remaining: Vec<&Pod> = pods.iter().filter(|p| p.node != leaving).collect();
     let remaining: Vec<Pod> = remaining.into_iter().cloned().collect();
-    assert_all_pairs_ping(&lab, &remaining, "after the Node's deletion");
+    lab.assert_all_pairs_ping(&remaining, "after the Node's deletion", CONVERGENCE);
 }
 
 #[test]
@@ -440,7 +421,7 @@ fn kube_missing_pod_cidr_and_missing_rbac_stop_the_agent_with_the_fix() {
     // Neither published a lease; the others are untouched.
     let leases = lab.leases().expect("leases");
     assert_eq!(leases.len(), NODES, "leases: {leases:#?}");
-    assert_all_pairs_ping(&lab, &pods, "after the failed agents");
+    lab.assert_all_pairs_ping(&pods, "after the failed agents", CONVERGENCE);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -566,10 +547,10 @@ fn kube_api_outage_keeps_the_dataplane_and_a_new_node_joins_after() {
     wait_peer_entries(&lab, &[1, 2, 3], &new_lease, true, "program");
     let mut everyone = pods.clone();
     everyone.push(new_pod);
-    assert_all_pairs_ping(
-        &lab,
+    lab.assert_all_pairs_ping(
         &everyone,
         "with the node that joined after the outage",
+        CONVERGENCE,
     );
     eprintln!(
         "new node reachable {:?} after its agent's spawn",
@@ -685,7 +666,7 @@ fn kube_compacted_history_makes_the_agents_relist_and_converge() {
     wait_each_agent_requests(&lab, "watch", Duration::from_secs(40));
     api.delete_node("ghost").expect("delete the ghost");
     wait_peer_entries(&lab, &nodes, &lease, false, "drop");
-    assert_all_pairs_ping(&lab, &pods, "after the re-lists");
+    lab.assert_all_pairs_ping(&pods, "after the re-lists", CONVERGENCE);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -713,7 +694,7 @@ fn kube_agent_restart_keeps_the_vtep_mac_from_the_annotation() {
     );
     let after = lab.lease_of(node).expect("lease after the restart");
     assert_eq!(after, published, "the published lease changed");
-    assert_all_pairs_ping(&lab, &pods, "after the restart");
+    lab.assert_all_pairs_ping(&pods, "after the restart", CONVERGENCE);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -757,7 +738,7 @@ fn kube_flanneld_node_and_weft_nodes_are_peers_and_weft_takes_it_over() {
     for _ in 0..PODS_PER_NODE {
         pods.push(flannel.add_pod(&mut lab).expect("pod on the flanneld node"));
     }
-    assert_all_pairs_ping(&lab, &pods, "weft and flanneld nodes");
+    lab.assert_all_pairs_ping(&pods, "weft and flanneld nodes", CONVERGENCE);
     let packet = lab
         .capture_vxlan(first_pod_on(&pods, 1), first_pod_on(&pods, flannel_node))
         .expect("VXLAN to the flanneld node");
@@ -820,5 +801,5 @@ fn kube_flanneld_node_and_weft_nodes_are_peers_and_weft_takes_it_over() {
         before,
         "the published lease changed"
     );
-    assert_all_pairs_ping(&lab, &pods, "after weft took over the flanneld node");
+    lab.assert_all_pairs_ping(&pods, "after weft took over the flanneld node", CONVERGENCE);
 }
