@@ -8,9 +8,10 @@ use rtnetlink::Handle;
 use tracing::{error, info, warn};
 
 use super::netlink::{self, Route, SkipLog};
-use super::Backend;
+use super::{Backend, Reach};
 use crate::iface::ExtIface;
 use crate::lease::{Lease, LeaseAttrs, LeaseEvent};
+use std::collections::HashSet;
 
 const BACKEND_TYPE: &str = "host-gw";
 
@@ -19,6 +20,8 @@ pub struct HostGwBackend {
     ext: ExtIface,
     handle: Handle,
     own: Option<Ipv4Network>,
+    /// The subnets routed, as programmed by `apply` and `resync`.
+    routed: HashSet<Ipv4Network>,
     skipped: SkipLog,
 }
 
@@ -29,6 +32,7 @@ impl HostGwBackend {
             ext,
             handle,
             own: None,
+            routed: HashSet::new(),
             skipped: SkipLog::default(),
         }
     }
@@ -102,6 +106,7 @@ impl Backend for HostGwBackend {
         match event {
             LeaseEvent::Added(lease) => {
                 let Some(route) = self.route_for(lease).await? else {
+                    self.routed.remove(&lease.subnet);
                     return Ok(());
                 };
                 let table = netlink::routes(&self.handle).await?;
@@ -112,10 +117,13 @@ impl Backend for HostGwBackend {
                             "routing {} via node {}",
                             lease.subnet, lease.attrs.public_ip
                         )
-                    })
+                    })?;
+                self.routed.insert(lease.subnet);
+                Ok(())
             }
             LeaseEvent::Removed(subnet) => {
                 self.skipped.clear(subnet);
+                self.routed.remove(subnet);
                 netlink::delete_routes_to(&self.handle, *subnet, &[self.ext.index])
                     .await
                     .with_context(|| format!("removing the route to {subnet}"))
@@ -150,10 +158,15 @@ impl Backend for HostGwBackend {
                 self.ext.name
             );
         }
+        self.routed = wanted.iter().map(|r| r.dst).collect();
         Ok(())
     }
 
     fn pod_mtu(&self) -> u32 {
         self.ext.mtu
+    }
+
+    fn reach(&self, subnet: Ipv4Network) -> Option<Reach> {
+        self.routed.contains(&subnet).then_some(Reach::Direct)
     }
 }

@@ -9,6 +9,7 @@ pub mod vxlan;
 
 use anyhow::Result;
 use async_trait::async_trait;
+use ipnetwork::Ipv4Network;
 
 use crate::config::{BackendConf, NetConf};
 use crate::iface::ExtIface;
@@ -34,6 +35,19 @@ pub trait Backend: Send {
 
     /// The MTU pods must use (written to subnet.env as FLANNEL_MTU).
     fn pod_mtu(&self) -> u32;
+
+    /// How the kernel state this backend programmed reaches `subnet`: through the overlay
+    /// device or by a direct route; `None` if it does not route it (skipped lease, own lease).
+    fn reach(&self, subnet: Ipv4Network) -> Option<Reach>;
+}
+
+/// How a remote lease is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Encapsulated through `flannel.<VNI>`.
+    Overlay,
+    /// A plain route via the peer's public IP (host-gw, DirectRouting).
+    Direct,
 }
 
 /// Builds the kernel backend the config asks for.

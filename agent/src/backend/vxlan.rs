@@ -13,7 +13,7 @@ use rtnetlink::{Handle, LinkVxlan};
 use tracing::{info, warn};
 
 use super::netlink::{self, KernelRoute, Link, Route, SkipLog};
-use super::Backend;
+use super::{Backend, Reach};
 use crate::config::VxlanConf;
 use crate::iface::ExtIface;
 use crate::lease::{Lease, LeaseAttrs, LeaseEvent, MacAddr, VxlanBackendData};
@@ -466,12 +466,19 @@ impl Backend for VxlanBackend {
                 e.mac, self.device
             );
         }
-        self.programmed
-            .retain(|subnet, _| wanted.contains_key(subnet));
+        // The kernel now holds exactly `wanted`, also the entries found already in place.
+        self.programmed = wanted;
         Ok(())
     }
 
     fn pod_mtu(&self) -> u32 {
         self.mtu
+    }
+
+    fn reach(&self, subnet: Ipv4Network) -> Option<Reach> {
+        self.programmed.get(&subnet).map(|peer| match peer {
+            Peer::Overlay { .. } => Reach::Overlay,
+            Peer::Direct { .. } => Reach::Direct,
+        })
     }
 }

@@ -4,8 +4,8 @@
 //! installed exactly as in kernel mode: host traffic, unknown endpoints and everything the
 //! programs pass go through it, nodes without BPF interoperate, and falling back is trivial.
 //! On top of it the maps mirror what the kernel backend decided: a lease is in `leases`
-//! exactly when the kernel backend routes it, in the mode its route says (through
-//! flannel.<VNI>: VXLAN; through the uplink: direct).
+//! exactly when the kernel backend routes it, in the mode it reaches it (through
+//! flannel.<VNI>: VXLAN; by a direct route: direct), as `Backend::reach` reports.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -28,8 +28,7 @@ use weft_common::{
 
 use super::endpoints::PodWatcher;
 use super::{read_counters, tc, BpfOptions};
-use crate::backend::netlink::{self as nl, KernelRoute};
-use crate::backend::Backend;
+use crate::backend::{Backend, Reach};
 use crate::config::{BackendConf, NetConf, VxlanConf};
 use crate::iface::ExtIface;
 use crate::lease::{Lease, LeaseAttrs, LeaseEvent};
@@ -136,24 +135,17 @@ impl BpfDataplane {
         Ok(())
     }
 
-    /// The lease entries the kernel backend's routes call for, for `leases`. (`&mut`
-    /// only because `&Self` is not `Send`: the kernel backend is not `Sync`.)
-    async fn wanted_entries(
-        &mut self,
-        leases: &[Lease],
-    ) -> Result<BTreeMap<Ipv4Network, LeaseEntry>> {
-        let table = nl::routes(&self.handle).await?;
-        let overlay_dev = match &self.vxlan {
-            Some(vx) => nl::link_by_name(&self.handle, &format!("flannel.{}", vx.vni))
-                .await?
-                .map(|l| l.index),
-            None => None,
-        };
-        Ok(leases
+    /// The lease entries for `leases`: those the kernel backend routes, in the mode it
+    /// reaches them (its own decision, e.g. DirectRouting's same-L2 test, is not repeated).
+    fn wanted_entries(&self, leases: &[Lease]) -> BTreeMap<Ipv4Network, LeaseEntry> {
+        leases
             .iter()
             .filter(|l| Some(l.subnet) != self.own)
             .filter_map(|lease| {
-                let mode = mode_of(&table, lease.subnet, self.ext.index, overlay_dev)?;
+                let mode = match self.kernel.reach(lease.subnet)? {
+                    Reach::Overlay => LEASE_VXLAN,
+                    Reach::Direct => LEASE_DIRECT,
+                };
                 Some((
                     lease.subnet,
                     LeaseEntry {
@@ -168,7 +160,7 @@ impl BpfDataplane {
                     },
                 ))
             })
-            .collect())
+            .collect()
     }
 
     /// Puts `entry` (or nothing) in `leases` for `subnet`, and fixes the peer counts.
@@ -280,23 +272,6 @@ impl BpfDataplane {
     }
 }
 
-/// How the kernel backend reaches `subnet`, from its route: `None` if it does not route it.
-fn mode_of(
-    table: &[KernelRoute],
-    subnet: Ipv4Network,
-    uplink: u32,
-    overlay_dev: Option<u32>,
-) -> Option<u32> {
-    let route = table
-        .iter()
-        .find(|r| r.dst == subnet && r.gateway.is_some() && r.metric == 0)?;
-    match route.oif {
-        Some(oif) if oif == uplink => Some(LEASE_DIRECT),
-        Some(oif) if Some(oif) == overlay_dev => Some(LEASE_VXLAN),
-        _ => None,
-    }
-}
-
 fn mode_name(mode: u32) -> &'static str {
     match mode {
         LEASE_VXLAN => "vxlan",
@@ -371,7 +346,7 @@ impl Backend for BpfDataplane {
         let kernel = self.kernel.apply(event).await;
         let maps = match event {
             LeaseEvent::Added(lease) => {
-                let mut wanted = self.wanted_entries(std::slice::from_ref(lease)).await?;
+                let mut wanted = self.wanted_entries(std::slice::from_ref(lease));
                 self.set_lease(lease.subnet, wanted.remove(&lease.subnet))
             }
             LeaseEvent::Removed(subnet) => self.set_lease(*subnet, None),
@@ -381,7 +356,7 @@ impl Backend for BpfDataplane {
 
     async fn resync(&mut self, leases: &[Lease]) -> Result<()> {
         let kernel = self.kernel.resync(leases).await;
-        let wanted = self.wanted_entries(leases).await?;
+        let wanted = self.wanted_entries(leases);
         self.sync_maps(wanted)?;
         // After the maps hold the lease table: from_netdev admits VXLAN from peers only.
         self.ensure_uplink_program().await?;
@@ -394,5 +369,9 @@ impl Backend for BpfDataplane {
 
     fn pod_mtu(&self) -> u32 {
         self.kernel.pod_mtu()
+    }
+
+    fn reach(&self, subnet: Ipv4Network) -> Option<Reach> {
+        self.kernel.reach(subnet)
     }
 }
