@@ -68,6 +68,30 @@ impl Drop for Bpffs {
     }
 }
 
+/// A bpffs instance of its own in a fresh temporary directory, for tests that load the
+/// object outside a lab (the machine has none at /sys/fs/bpf, and a test must not touch one
+/// that exists). Unmounted, then removed, on drop.
+#[derive(Debug)]
+pub struct TempBpffs {
+    // Field order is drop order: unmount before the directory goes.
+    mount: Bpffs,
+    _dir: tempfile::TempDir,
+}
+
+impl TempBpffs {
+    pub fn mount() -> Result<TempBpffs> {
+        let dir = tempfile::Builder::new().prefix("weft-bpffs-").tempdir()?;
+        Ok(TempBpffs {
+            mount: Bpffs::mount(dir.path())?,
+            _dir: dir,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.mount.path()
+    }
+}
+
 /// Detaches the mount at `path` (lazily: it goes once nothing uses it). Errors are ignored:
 /// this runs in teardown and in the sweep of leftovers.
 pub fn unmount(path: &Path) {

@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
@@ -28,6 +28,7 @@ use weft_common::{
     LEASE_DIRECT, LEASE_VXLAN, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS,
     PROG_FROM_NETDEV, PROG_FROM_POD, VXLAN_OVERHEAD,
 };
+use weft_tests::bpf::TempBpffs;
 use weft_tests::{
     exec::{ip, Cmd},
     icmp, netns,
@@ -635,7 +636,7 @@ fn check_passed(dp: &Datapath, program: &str, cases: &[(&str, Vec<u8>)]) -> Resu
 /// test bed. Lives in the thread that entered the test namespace.
 struct Datapath {
     ebpf: Ebpf,
-    bpffs: Bpffs,
+    bpffs: TempBpffs,
 }
 
 struct Outcome {
@@ -652,7 +653,7 @@ impl Datapath {
                 object.display()
             )
         })?;
-        let bpffs = Bpffs::mount()?;
+        let bpffs = TempBpffs::mount()?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpffs.path())
             .load(&bytes)
@@ -861,51 +862,6 @@ impl TestBed {
 impl Drop for TestBed {
     fn drop(&mut self) {
         let _ = netns::delete(&self.namespace);
-    }
-}
-
-/// A private bpffs instance for the maps the object pins by name (the
-/// machine has none at /sys/fs/bpf, and a test must not touch one that
-/// exists). Unmounting it on drop releases the pins.
-struct Bpffs {
-    dir: tempfile::TempDir,
-}
-
-impl Bpffs {
-    fn mount() -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("weft-bpffs-").tempdir()?;
-        let target = CString::new(dir.path().as_os_str().as_encoded_bytes())?;
-        // SAFETY: mount(2) with valid C strings and no data.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            bail!(
-                "mounting bpffs at {}: {}",
-                dir.path().display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(Bpffs { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        if let Ok(target) = CString::new(self.dir.path().as_os_str().as_encoded_bytes()) {
-            // SAFETY: umount2(2) on the directory this guard mounted.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
     }
 }
 

@@ -27,6 +27,7 @@ use weft_common::{
     LEASE_VXLAN, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS, PROG_FROM_NETDEV,
     PROG_FROM_POD,
 };
+use weft_tests::bpf::TempBpffs;
 use weft_tests::{
     exec::{bridge, ip, Cmd},
     icmp, netns,
@@ -64,7 +65,7 @@ fn from_pod_loads_with_btf_and_counts_ingress_packets() -> Result<()> {
     // Loading, attaching and reading happen in a thread that entered the
     // receiver namespace: interface names and TC hooks resolve there.
     icmp::in_netns(&receiver.clone(), move || -> Result<()> {
-        let bpffs = Bpffs::mount()?;
+        let bpffs = TempBpffs::mount()?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpffs.path())
             .load(&bytes)
@@ -166,7 +167,7 @@ fn tcp_between_pods_crosses_a_kernel_vxlan_peer_through_both_programs() -> Resul
     let server = spawn_in_netns(&pod_b, serve_one_stream)?;
     let node_a_ns = node_a.clone();
     let outcome = icmp::in_netns(&node_a_ns, move || -> Result<[u64; 3]> {
-        let bpffs = Bpffs::mount()?;
+        let bpffs = TempBpffs::mount()?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpffs.path())
             .load(&bytes)
@@ -472,51 +473,6 @@ fn read_object() -> Result<Vec<u8>> {
             object.display()
         )
     })
-}
-
-/// A private bpffs instance for the maps the object pins by name (the
-/// machine has none at /sys/fs/bpf, and the test must not touch one that
-/// exists). Unmounting it on drop releases the pins.
-struct Bpffs {
-    dir: tempfile::TempDir,
-}
-
-impl Bpffs {
-    fn mount() -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("weft-bpffs-").tempdir()?;
-        let target = CString::new(dir.path().as_os_str().as_encoded_bytes())?;
-        // SAFETY: mount(2) with valid C strings and no data.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            bail!(
-                "mounting bpffs at {}: {}",
-                dir.path().display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(Bpffs { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        if let Ok(target) = CString::new(self.dir.path().as_os_str().as_encoded_bytes()) {
-            // SAFETY: umount2(2) on the directory this guard mounted.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
 }
 
 /// Network namespaces `<prefix><role>`, deleted on drop.
