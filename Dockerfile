@@ -2,9 +2,9 @@
 #
 #   docker build -t weft:0.1.0 .
 #
-# Build stage: `cargo xtask setup` installs what the build needs from Debian's apt
-# (including bookworm-security's rustc-web with the prebuilt BPF `core`, LLVM 22 and
-# protoc) and bpf-linker from crates.io; `cargo xtask build-ebpf` builds the eBPF object,
+# Build stage: `cargo xtask setup` installs its list (xtask/src/requirements.rs) from Debian's
+# apt (including bookworm-security's rustc-web with the prebuilt BPF `core`, LLVM 22, protoc
+# and protobuf's .proto files) and bpf-linker from crates.io, then checks every entry; `cargo xtask build-ebpf` builds the eBPF object,
 # which the agent embeds (an empty object would give an agent without its BPF dataplane:
 # the build fails instead); then the two binaries are built with the image's rustup toolchain.
 FROM rust:1-bookworm AS build

@@ -6,7 +6,10 @@
 mod bench;
 mod demo;
 mod ebpf;
+mod requirements;
 mod setup;
+#[cfg(test)]
+mod source_scan;
 
 use std::{
     path::{Path, PathBuf},

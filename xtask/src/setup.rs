@@ -1,41 +1,17 @@
-//! `cargo xtask setup`: install what the build and the tests need, skipping
-//! what is already there (a no-op run takes well under a second).
+//! `cargo xtask setup`: install what the build and the tests need (the Debian packages
+//! and bpf-linker of [`REQUIREMENTS`]), skipping what is already there, then check that
+//! every entry of that list is present: a missing one fails set-up with its name and
+//! its package. A no-op run takes well under a second.
 
 use std::process::Command;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::{
-    ebpf::{debian_cargo, TOOLS_BIN},
+    ebpf::debian_cargo,
     execute,
+    requirements::{apt_packages, bpf_linker_path, REQUIREMENTS},
 };
-
-/// Debian packages: the BPF toolchain (Debian's rustc/cargo with a prebuilt
-/// BPF `core`, LLVM 22 for bpf-linker, bpftool), the network tools the lab
-/// drives, etcd, the CNI plugins, load generators, and protoc for etcd-client.
-const APT_PACKAGES: &[&str] = &[
-    "rustc-web",
-    "cargo-web",
-    "libstd-rust-web-dev-bpf",
-    "llvm-22-dev",
-    "clang-22",
-    "bpftool",
-    "libbpf-dev",
-    "iproute2",
-    "nftables",
-    "iptables",
-    "etcd-server",
-    "etcd-client",
-    "containernetworking-plugins",
-    "iperf3",
-    "sockperf",
-    "tshark",
-    "tcpdump",
-    "ethtool",
-    "iputils-ping",
-    "netcat-openbsd",
-    "protobuf-compiler",
-];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const TOOLS_ROOT: &str = "/opt/weft-tools";
@@ -43,13 +19,44 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn run() -> Result<()> {
     install_apt_packages()?;
-    install_bpf_linker()
+    install_bpf_linker()?;
+    check_requirements()
+}
+
+/// Looks for every entry of [`REQUIREMENTS`]; prints what it found where, and fails
+/// naming each missing one with the package that provides it.
+fn check_requirements() -> Result<()> {
+    let mut missing = Vec::new();
+    for requirement in REQUIREMENTS {
+        let name = requirement.need.name();
+        match requirement.need.locate() {
+            Some(path) => println!("xtask: checked {name}: {}", path.display()),
+            None => missing.push(format!(
+                "  {name} (used by {}): install {}",
+                requirement.used_by,
+                requirement.source.describe()
+            )),
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "set-up is incomplete, {} of {} requirements are missing:\n{}\n\
+             `cargo xtask setup` installs them; if it just did, the package no longer \
+             provides the file: fix the list in xtask/src/requirements.rs",
+            missing.len(),
+            REQUIREMENTS.len(),
+            missing.join("\n")
+        );
+    }
+    println!("xtask: all {} requirements present", REQUIREMENTS.len());
+    Ok(())
 }
 
 fn install_apt_packages() -> Result<()> {
-    let missing = missing_apt_packages()?;
+    let packages = apt_packages();
+    let missing = missing_apt_packages(&packages)?;
     if missing.is_empty() {
-        println!("xtask: apt packages: all {} installed", APT_PACKAGES.len());
+        println!("xtask: apt packages: all {} installed", packages.len());
         return Ok(());
     }
     println!("xtask: apt packages missing: {}", missing.join(" "));
@@ -62,13 +69,13 @@ fn install_apt_packages() -> Result<()> {
     )
 }
 
-/// The packages of [`APT_PACKAGES`] that dpkg does not report as installed.
-fn missing_apt_packages() -> Result<Vec<&'static str>> {
+/// The `packages` that dpkg does not report as installed.
+fn missing_apt_packages(packages: &[&'static str]) -> Result<Vec<&'static str>> {
     // dpkg-query exits non-zero when it knows nothing of a package: only its
     // output matters.
     let output = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${Status}\n"])
-        .args(APT_PACKAGES)
+        .args(packages)
         .output()
         .context("cannot run dpkg-query: `cargo xtask setup` needs a Debian system")?;
     let report = String::from_utf8_lossy(&output.stdout);
@@ -77,7 +84,7 @@ fn missing_apt_packages() -> Result<Vec<&'static str>> {
         .filter(|line| line.ends_with(" install ok installed"))
         .filter_map(|line| line.split_whitespace().next())
         .collect();
-    Ok(APT_PACKAGES
+    Ok(packages
         .iter()
         .copied()
         .filter(|package| !installed.contains(package))
@@ -99,7 +106,7 @@ fn as_root(program: &str) -> Command {
 /// bpf-linker links the eBPF crate; it is built against Debian's LLVM 22
 /// (about two minutes on 2 cores), once.
 fn install_bpf_linker() -> Result<()> {
-    let linker = format!("{TOOLS_BIN}/bpf-linker");
+    let linker = bpf_linker_path();
     let installed = Command::new(&linker)
         .arg("--version")
         .output()
@@ -110,7 +117,7 @@ fn install_bpf_linker() -> Result<()> {
         .split_whitespace()
         .any(|word| word == BPF_LINKER_VERSION)
     {
-        println!("xtask: {linker} {BPF_LINKER_VERSION} installed");
+        println!("xtask: {} {BPF_LINKER_VERSION} installed", linker.display());
         return Ok(());
     }
     println!("xtask: installing bpf-linker {BPF_LINKER_VERSION} into {TOOLS_ROOT}");
