@@ -171,7 +171,7 @@ async fn event_loop(
                     listed = true;
                     leases = all.into_iter().map(|l| (l.subnet, l)).collect();
                     state.set_leases_known(leases.len());
-                    resync_dataplane(dataplane, &leases).await;
+                    resync_dataplane(dataplane, &leases, state).await;
                 }
                 Some(LeaseWatchEvent::Event(event)) => {
                     let subnet = match &event {
@@ -193,7 +193,7 @@ async fn event_loop(
                     }
                 }
             },
-            _ = resync.tick(), if listed => resync_dataplane(dataplane, &leases).await,
+            _ = resync.tick(), if listed => resync_dataplane(dataplane, &leases, state).await,
             _ = firewall_resync.tick() => {
                 if let Err(e) = firewall.ensure(spec) {
                     error!("repairing {} rules failed: {e:#}", firewall.name());
@@ -208,11 +208,16 @@ async fn event_loop(
     Ok(())
 }
 
-async fn resync_dataplane(dataplane: &mut dyn Backend, leases: &BTreeMap<Ipv4Network, Lease>) {
+async fn resync_dataplane(
+    dataplane: &mut dyn Backend,
+    leases: &BTreeMap<Ipv4Network, Lease>,
+    state: &AgentState,
+) {
     let all: Vec<Lease> = leases.values().cloned().collect();
     if let Err(e) = dataplane.resync(&all).await {
         error!("resync failed (retrying at the next interval): {e:#}");
     }
+    state.set_fast_path(dataplane.fast_path());
 }
 
 /// `weft agent --cleanup`: removes everything weft installed on this node, and nothing
@@ -311,6 +316,7 @@ fn bpf_options(args: &AgentArgs) -> BpfOptions {
     BpfOptions {
         dir: args.bpf_dir.clone(),
         pod_bridge: args.pod_bridge.clone(),
+        force_fast_path: args.dataplane == bpf::DataplaneChoice::Bpf,
     }
 }
 

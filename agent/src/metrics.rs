@@ -141,6 +141,8 @@ pub struct AgentState {
     ready: [AtomicBool; ReadyPart::ALL.len()],
     leases_known: AtomicU64,
     dataplane: Mutex<Option<DataplaneInfo>>,
+    /// The BPF fast path's state and why (BPF dataplane only).
+    fast_path: Mutex<Option<(bool, String)>>,
     lease_apply: DurationHistogram,
     lease_apply_failures: AtomicU64,
     watch_restarts: Mutex<Option<CounterSource>>,
@@ -160,6 +162,7 @@ impl AgentState {
             ready: std::array::from_fn(|_| AtomicBool::new(false)),
             leases_known: AtomicU64::new(0),
             dataplane: Mutex::new(None),
+            fast_path: Mutex::new(None),
             lease_apply: DurationHistogram::new(),
             lease_apply_failures: AtomicU64::new(0),
             watch_restarts: Mutex::new(None),
@@ -192,6 +195,11 @@ impl AgentState {
     /// The dataplane in use; in BPF mode its pin dir is where the counters are read.
     pub fn set_dataplane(&self, info: DataplaneInfo) {
         *lock(&self.dataplane) = Some(info);
+    }
+
+    /// Whether the BPF fast path is on, and why (`None`: no fast path).
+    pub fn set_fast_path(&self, state: Option<(bool, String)>) {
+        *lock(&self.fast_path) = state;
     }
 
     /// One lease change applied to the dataplane in `took`.
@@ -285,6 +293,20 @@ impl AgentState {
             out.sample(
                 "weft_dataplane_info",
                 &[("mode", &dataplane.mode), ("reason", &dataplane.reason)],
+                1,
+            );
+        }
+
+        if let Some((on, why)) = lock(&self.fast_path).as_ref() {
+            out.family(
+                "weft_fast_path_info",
+                "gauge",
+                "Whether the BPF fast path carries pod traffic (state on or off) and why.",
+            );
+            let state = if *on { "on" } else { "off" };
+            out.sample(
+                "weft_fast_path_info",
+                &[("state", state), ("reason", why)],
                 1,
             );
         }

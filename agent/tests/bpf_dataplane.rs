@@ -258,6 +258,7 @@ fn options(dir: &Path) -> BpfOptions {
     BpfOptions {
         dir: dir.to_path_buf(),
         pod_bridge: "cni0".to_string(),
+        force_fast_path: true,
     }
 }
 

@@ -16,6 +16,7 @@
 //! | `endpoints` | hash | [`EndpointKey`] (local pod IP) | [`EndpointEntry`] |
 //! | `config` | array[1] | `u32` 0 | [`DataplaneConfig`] |
 //! | `counters` | per-CPU array | `u32` [`Counter`] index | `u64` packets |
+//! | `stack_flows` | LRU hash | [`FlowKey`] (a connection, either direction) | [`FlowEntry`] |
 #![no_std]
 
 /// Map names, as the programs declare them and as they are pinned.
@@ -24,24 +25,67 @@ pub const MAP_PEERS: &str = "peers";
 pub const MAP_ENDPOINTS: &str = "endpoints";
 pub const MAP_CONFIG: &str = "config";
 pub const MAP_COUNTERS: &str = "counters";
+pub const MAP_STACK_FLOWS: &str = "stack_flows";
 /// Every pinned map, for the agent's adoption and cleanup.
-pub const ALL_MAPS: [&str; 5] = [
+pub const ALL_MAPS: [&str; 6] = [
     MAP_LEASES,
     MAP_PEERS,
     MAP_ENDPOINTS,
     MAP_CONFIG,
     MAP_COUNTERS,
+    MAP_STACK_FLOWS,
 ];
 
 /// TC ingress of each pod's host-side veth: encapsulate or route to remote leases.
 pub const PROG_FROM_POD: &str = "from_pod";
+/// TC egress of each pod's host-side veth: sees exactly what the node's stack delivers
+/// into the pod (the fast path enters pods with `bpf_redirect_peer`, past this hook) and
+/// records those connections as the stack's.
+pub const PROG_TO_POD: &str = "to_pod";
 /// TC ingress of the uplink: decapsulate VXLAN from peers, deliver to local pods.
 pub const PROG_FROM_NETDEV: &str = "from_netdev";
+/// TC egress of the uplink: records the connections the node's stack sends to other
+/// nodes (after its NAT), and clears the fast path's mark from the packets `from_pod`
+/// redirected.
+pub const PROG_TO_NETDEV: &str = "to_netdev";
+
+/// Where a program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    PodIngress,
+    PodEgress,
+    UplinkIngress,
+    UplinkEgress,
+}
+
+impl Attach {
+    /// TC egress rather than ingress.
+    pub const fn egress(self) -> bool {
+        matches!(self, Attach::PodEgress | Attach::UplinkEgress)
+    }
+}
+
+/// Every program of the object and where it runs.
+pub const ALL_PROGRAMS: [(&str, Attach); 4] = [
+    (PROG_FROM_POD, Attach::PodIngress),
+    (PROG_TO_POD, Attach::PodEgress),
+    (PROG_FROM_NETDEV, Attach::UplinkIngress),
+    (PROG_TO_NETDEV, Attach::UplinkEgress),
+];
+
+/// The bit of `skb->mark` that `from_pod` sets on the packets it redirects to the uplink,
+/// so that `to_netdev` tells them from the stack's own and clears it: the packet never
+/// leaves the node, nor meets netfilter, with it. Chosen clear of the marks Kubernetes
+/// components use (kube-proxy 0x4000 and 0x8000, portmap 0x2000, Calico 0xffff0000).
+pub const FAST_PATH_MARK: u32 = 0x0000_1000;
 
 /// Capacity of the lease and peer maps (one entry per node of the cluster).
 pub const MAX_LEASES: u32 = 16384;
 /// Capacity of the endpoint map (local pods).
 pub const MAX_ENDPOINTS: u32 = 4096;
+/// Capacity of the stack-flow map: connections this node's stack carries for its pods
+/// (least recently used ones are evicted first).
+pub const MAX_STACK_FLOWS: u32 = 65536;
 
 /// Bytes VXLAN adds in front of the inner IP packet: outer Ethernet is kept, so
 /// outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
@@ -107,7 +151,8 @@ pub struct DataplaneConfig {
     pub vni: u32,
     /// VXLAN UDP destination port (host byte order).
     pub vxlan_port: u16,
-    pub _pad: u16,
+    /// `CONFIG_*` bits.
+    pub flags: u16,
     /// The uplink's address: outer source IP of encapsulated packets (network order).
     pub node_ip: [u8; 4],
     /// ifindex of the uplink (input interface of the programs' FIB lookups).
@@ -118,6 +163,60 @@ pub struct DataplaneConfig {
     pub vtep_mac: [u8; 6],
     pub _pad2: [u8; 2],
 }
+
+/// A connection, the same key for both of its directions: the two ends ordered, the one
+/// with the smaller (address, port) first. Ports are TCP/UDP ports, or the ICMP echo
+/// identifier in both; zero for other protocols.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlowKey {
+    pub a_ip: [u8; 4],
+    pub b_ip: [u8; 4],
+    pub a_port: [u8; 2],
+    pub b_port: [u8; 2],
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The key of the connection a packet from `src:sport` to `dst:dport` belongs to.
+    #[inline(always)]
+    pub fn new(protocol: u8, src: [u8; 4], sport: [u8; 2], dst: [u8; 4], dport: [u8; 2]) -> Self {
+        let src_first = u32::from_be_bytes(src) < u32::from_be_bytes(dst)
+            || (src == dst && u16::from_be_bytes(sport) <= u16::from_be_bytes(dport));
+        let ((a_ip, a_port), (b_ip, b_port)) = if src_first {
+            ((src, sport), (dst, dport))
+        } else {
+            ((dst, dport), (src, sport))
+        };
+        FlowKey {
+            a_ip,
+            b_ip,
+            a_port,
+            b_port,
+            protocol,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// `to_pod`: the stack delivered one of the connection's packets into a local pod.
+pub const RECORDED_TO_POD: u32 = 1;
+/// `to_netdev`: the stack sent one of the connection's packets to another node.
+pub const RECORDED_TO_NETDEV: u32 = 2;
+
+/// A connection the node's stack carries: its packets stay on the kernel path here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEntry {
+    /// Which program recorded it first: `RECORDED_TO_POD` or `RECORDED_TO_NETDEV`.
+    pub recorded_by: u32,
+}
+
+/// `DataplaneConfig::flags`: the fast path is off, every packet takes the kernel path
+/// (the agent found netfilter rules that filter forwarded pod traffic, which the fast path
+/// would bypass). Zero, the default, is "on".
+pub const CONFIG_FAST_PATH_OFF: u16 = 1;
 
 /// Index of one datapath counter in the `counters` map. Each slot holds a `u64`
 /// per CPU; readers sum over CPUs.
@@ -142,11 +241,16 @@ pub enum Counter {
     DropMalformed = 7,
     /// A kernel helper refused to resize or rewrite the packet.
     DropHelperFailed = 8,
+    /// Packets for a lease or a local pod left to the kernel path because the node's
+    /// stack carries their connection (it translated or tracked it).
+    StackFlow = 9,
+    /// Connections recorded as the stack's (to_pod, to_netdev).
+    FlowRecorded = 10,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Encap,
         Counter::DirectOut,
         Counter::Decap,
@@ -156,6 +260,8 @@ impl Counter {
         Counter::DropWrongVni,
         Counter::DropMalformed,
         Counter::DropHelperFailed,
+        Counter::StackFlow,
+        Counter::FlowRecorded,
     ];
 
     /// The slot of this counter in the `counters` map.
@@ -175,6 +281,8 @@ impl Counter {
             Counter::DropWrongVni => "drop_wrong_vni",
             Counter::DropMalformed => "drop_malformed",
             Counter::DropHelperFailed => "drop_helper_failed",
+            Counter::StackFlow => "stack_flow",
+            Counter::FlowRecorded => "flow_recorded",
         }
     }
 }
@@ -192,4 +300,6 @@ mod pod {
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for EndpointEntry {}
     unsafe impl aya::Pod for DataplaneConfig {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowEntry {}
 }

@@ -2,7 +2,7 @@
 //! helpers below count and return the TC action together, so no path can
 //! return without counting.
 
-use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use aya_ebpf::bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC};
 use weft_common::Counter;
 
 use crate::maps;
@@ -16,11 +16,19 @@ pub fn count(counter: Counter) {
     }
 }
 
-/// Hands the packet to the kernel stack unchanged.
+/// Hands the packet to the kernel stack unchanged. TC_ACT_UNSPEC rather than TC_ACT_OK:
+/// later TC filters on the hook (a chained `bandwidth` plugin's, say) still run.
 #[inline(always)]
 pub fn pass() -> i32 {
     count(Counter::Passed);
-    TC_ACT_OK
+    TC_ACT_UNSPEC
+}
+
+/// Hands a packet of a connection the node's stack carries to the kernel path.
+#[inline(always)]
+pub fn stack_flow() -> i32 {
+    count(Counter::StackFlow);
+    TC_ACT_UNSPEC
 }
 
 /// Drops the packet, recording why.

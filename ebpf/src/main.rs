@@ -7,8 +7,11 @@
 //!   leases are encapsulated in VXLAN or routed, and redirected to the uplink.
 //! - `from_netdev`, TC ingress of the uplink: VXLAN from known peers and
 //!   routed packets for local pods are delivered straight into the pod.
+//! - `to_pod` and `to_netdev`, TC egress of the pod veths and of the uplink:
+//!   they see what the node's stack hands on and record those connections
+//!   (see `flow`), which the two above then leave to the stack.
 //!
-//! Whatever a program cannot handle completely it passes (TC_ACT_OK)
+//! Whatever a program cannot handle completely it passes (TC_ACT_UNSPEC)
 //! unchanged, to the kernel path; packets are dropped only for a reason that
 //! has a counter. Each packet is rewritten with a single store where possible.
 #![no_std]
@@ -16,6 +19,7 @@
 
 mod counters;
 mod csum;
+mod flow;
 mod maps;
 mod parse;
 mod route;
@@ -23,12 +27,18 @@ mod vxlan;
 
 use core::mem::size_of;
 
-use aya_ebpf::{helpers::generated::bpf_redirect_peer, macros::classifier, programs::TcContext};
-use weft_common::{Counter, DataplaneConfig, LeaseEntry, LEASE_DIRECT, LEASE_VXLAN};
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC, helpers::generated::bpf_redirect_peer, macros::classifier,
+    programs::TcContext,
+};
+use weft_common::{
+    Counter, DataplaneConfig, LeaseEntry, CONFIG_FAST_PATH_OFF, FAST_PATH_MARK, LEASE_DIRECT,
+    LEASE_VXLAN, RECORDED_TO_NETDEV, RECORDED_TO_POD,
+};
 
 use crate::{
-    counters::{drop, pass, redirected},
-    parse::{Ipv4Hdr, UdpHdr, ETH_HLEN, ETH_P_IP, IPPROTO_UDP},
+    counters::{count, drop, pass, redirected, stack_flow},
+    parse::{Ipv4Hdr, UdpHdr, ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
     route::Macs,
     vxlan::{RewriteError, VxlanPayload},
 };
@@ -41,12 +51,18 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let Some(cfg) = maps::config() else {
         return pass();
     };
+    if cfg.flags & CONFIG_FAST_PATH_OFF != 0 {
+        return pass();
+    }
     let Some(lease) = maps::lease(ip.daddr) else {
         return pass();
     };
     // The kernel answers TTL expiry with ICMP time-exceeded.
     if ip.ttl <= 1 {
         return pass();
+    }
+    if let Some(verdict) = stack_verdict(&ctx, &ip, ETH_HLEN) {
+        return verdict;
     }
     match lease.mode {
         LEASE_VXLAN => to_tunnel(&ctx, &cfg, &lease, ip),
@@ -60,11 +76,15 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 fn to_tunnel(ctx: &TcContext, cfg: &DataplaneConfig, lease: &LeaseEntry, mut ip: Ipv4Hdr) -> i32 {
     // A packet too big for the tunnel is the kernel's to fragment or answer
     // with fragmentation-needed (flannel.<VNI> has the tunnel MTU); redirected,
-    // it would vanish at the uplink. GSO packets are segmented to the pod MTU
-    // later and fit.
+    // it would vanish at the uplink. For a GSO packet that is each segment.
     // SAFETY: reading a field of this program's own context.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
-    if gso_size == 0 && ip.total_len() > cfg.inner_mtu {
+    let too_big = if gso_size == 0 {
+        ip.total_len() > cfg.inner_mtu
+    } else {
+        gso_segment_len(ctx, &ip, gso_size).is_none_or(|len| len > cfg.inner_mtu)
+    };
+    if too_big {
         return pass();
     }
     let Some(next) = route::lookup(ctx, cfg.node_ip, lease.public_ip, cfg.uplink_ifindex) else {
@@ -76,10 +96,27 @@ fn to_tunnel(ctx: &TcContext, cfg: &DataplaneConfig, lease: &LeaseEntry, mut ip:
         dst: [0; 6],
     });
     match vxlan::encap(ctx, cfg, lease, &macs, &ip) {
-        Ok(()) => redirected(Counter::Encap, route::redirect(&next)),
+        Ok(()) => redirected(Counter::Encap, to_uplink(ctx, &next)),
         Err(RewriteError::Refused) => pass(),
         Err(RewriteError::Partial) => drop(Counter::DropHelperFailed),
     }
+}
+
+/// The IP length of each segment of a GSO packet whose payload segments are `gso_size`
+/// bytes: headers (IP, TCP with options, or UDP) plus `gso_size`. `None` if unknown.
+#[inline(always)]
+fn gso_segment_len(ctx: &TcContext, ip: &Ipv4Hdr, gso_size: u32) -> Option<u32> {
+    let l4_off = ETH_HLEN + ip.header_len();
+    let l4_len = match ip.protocol {
+        IPPROTO_TCP => {
+            // The data offset: the high nibble of byte 12, in 32-bit words.
+            let tcp: [u8; 13] = parse::read(ctx, l4_off)?;
+            u32::from(tcp[12] >> 4) * 4
+        }
+        IPPROTO_UDP => size_of::<UdpHdr>() as u32,
+        _ => return None,
+    };
+    Some(ip.header_len() as u32 + l4_len + gso_size)
 }
 
 /// Routes a pod packet unencapsulated, by the kernel route the agent keeps
@@ -97,7 +134,17 @@ fn to_route(ctx: &TcContext, cfg: &DataplaneConfig, mut ip: Ipv4Hdr) -> i32 {
     if route::rewrite(ctx, next.macs, &ip).is_err() {
         return pass();
     }
-    redirected(Counter::DirectOut, route::redirect(&next))
+    redirected(Counter::DirectOut, to_uplink(ctx, &next))
+}
+
+/// Redirects a pod packet to the uplink, marked so that `to_netdev` knows it for the fast
+/// path's and not the stack's.
+#[inline(always)]
+fn to_uplink(ctx: &TcContext, next: &route::Nexthop) -> i64 {
+    // SAFETY: reading a field of this program's own context.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark | FAST_PATH_MARK);
+    route::redirect(next)
 }
 
 #[classifier]
@@ -115,6 +162,9 @@ pub fn from_netdev(ctx: TcContext) -> i32 {
                 return from_tunnel(&ctx, &cfg, &ip, l4_off + size_of::<UdpHdr>());
             }
         }
+    }
+    if cfg.flags & CONFIG_FAST_PATH_OFF != 0 {
+        return pass();
     }
     from_route(&ctx, ip)
 }
@@ -137,7 +187,7 @@ fn from_tunnel(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr, payload_off
     if !payload.is_vni(cfg.vni) {
         return drop(Counter::DropWrongVni);
     }
-    if payload.inner_eth.proto != ETH_P_IP {
+    if payload.inner_eth.proto != ETH_P_IP || cfg.flags & CONFIG_FAST_PATH_OFF != 0 {
         return pass();
     }
     let inner_off = payload_off + size_of::<VxlanPayload>();
@@ -148,6 +198,10 @@ fn from_tunnel(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr, payload_off
     let Some(endpoint) = maps::endpoint(inner.daddr) else {
         return pass();
     };
+    // The stack's connections are decapsulated by flannel.<VNI>, into the stack.
+    if let Some(verdict) = inbound_stack_verdict(ctx, &inner, inner_off) {
+        return verdict;
+    }
     match vxlan::decap(ctx, ip, &endpoint) {
         Ok(()) => redirected(Counter::Decap, deliver(endpoint.ifindex)),
         Err(RewriteError::Refused) => pass(),
@@ -165,6 +219,9 @@ fn from_route(ctx: &TcContext, mut ip: Ipv4Hdr) -> i32 {
     if ip.ttl <= 1 {
         return pass();
     }
+    if let Some(verdict) = inbound_stack_verdict(ctx, &ip, ETH_HLEN) {
+        return verdict;
+    }
     csum::dec_ttl(&mut ip);
     let macs = Macs {
         src: endpoint.host_mac,
@@ -175,6 +232,87 @@ fn from_route(ctx: &TcContext, mut ip: Ipv4Hdr) -> i32 {
         return pass();
     }
     redirected(Counter::DirectIn, deliver(endpoint.ifindex))
+}
+
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    // Only the stack's packets get here: the fast path enters the pod past this hook.
+    if let Some(ip) = parse::ipv4(&ctx) {
+        if let Some(key) = flow::key_of(&ctx, &ip, ETH_HLEN) {
+            record(&key, RECORDED_TO_POD);
+        }
+    }
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn to_netdev(ctx: TcContext) -> i32 {
+    // SAFETY: reading a field of this program's own context.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark & FAST_PATH_MARK != 0 {
+        ctx.set_mark(mark & !FAST_PATH_MARK);
+        return TC_ACT_UNSPEC;
+    }
+    let (Some(ip), Some(cfg)) = (parse::ipv4(&ctx), maps::config()) else {
+        return TC_ACT_UNSPEC;
+    };
+    // flannel.<VNI>'s own tunnel packets: the connection is the inner packet's.
+    let l4_off = ETH_HLEN + ip.header_len();
+    if ip.saddr == cfg.node_ip && ip.protocol == IPPROTO_UDP && ip.carries_l4_header() {
+        if let Some(udp) = parse::read::<UdpHdr>(&ctx, l4_off) {
+            if u16::from_be_bytes(udp.dest) == cfg.vxlan_port {
+                let inner_off = l4_off + size_of::<UdpHdr>() + size_of::<VxlanPayload>();
+                if let Some(inner) = parse::read::<Ipv4Hdr>(&ctx, inner_off) {
+                    record_from_pod(&ctx, &inner, inner_off);
+                }
+                return TC_ACT_UNSPEC;
+            }
+        }
+    }
+    record_from_pod(&ctx, &ip, ETH_HLEN);
+    TC_ACT_UNSPEC
+}
+
+/// Records the connection of a packet the stack sends from a local pod to another node:
+/// its replies come back for that pod and must meet the stack that translated it.
+#[inline(always)]
+fn record_from_pod(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize) {
+    if maps::endpoint(ip.saddr).is_none() {
+        return;
+    }
+    if let Some(key) = flow::key_of(ctx, ip, l3_off) {
+        record(&key, RECORDED_TO_NETDEV);
+    }
+}
+
+#[inline(always)]
+fn record(key: &weft_common::FlowKey, recorded_by: u32) {
+    if maps::record_stack_flow(key, recorded_by) {
+        count(Counter::FlowRecorded);
+    }
+}
+
+/// `Some(verdict)` for a pod packet the kernel path must carry: one whose connection the
+/// stack carries, or that cannot be told apart (fragments, ICMP errors).
+#[inline(always)]
+fn stack_verdict(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize) -> Option<i32> {
+    match flow::key_of(ctx, ip, l3_off) {
+        None => Some(pass()),
+        Some(key) if flow::is_stack_flow(&key) => Some(stack_flow()),
+        Some(_) => None,
+    }
+}
+
+/// [`stack_verdict`] for a packet arriving for a local pod, which also leaves to the stack
+/// what does not come from a lease: the pod's replies to such a source (the node itself,
+/// a NodePort's masqueraded client, a kubelet probe) leave through the stack, so the
+/// connection's packets must enter through it too.
+#[inline(always)]
+fn inbound_stack_verdict(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize) -> Option<i32> {
+    if maps::lease(ip.saddr).is_none() {
+        return Some(pass());
+    }
+    stack_verdict(ctx, ip, l3_off)
 }
 
 /// Delivers the frame into the pod behind host-side veth `ifindex`:

@@ -15,17 +15,18 @@ use core::{ffi::c_void, ptr};
 use aya_ebpf::{
     bindings::{
         bpf_map_type::{
-            BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_PERCPU_ARRAY,
+            BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_LRU_HASH,
+            BPF_MAP_TYPE_PERCPU_ARRAY,
         },
-        BPF_F_NO_PREALLOC,
+        BPF_F_NO_PREALLOC, BPF_NOEXIST,
     },
-    helpers::generated::bpf_map_lookup_elem,
+    helpers::generated::{bpf_map_lookup_elem, bpf_map_update_elem},
     macros::btf_map,
     maps::lpm_trie::Key,
 };
 use weft_common::{
-    DataplaneConfig, EndpointEntry, EndpointKey, LeaseEntry, PeerEntry, PeerKey, COUNTER_SLOTS,
-    MAX_ENDPOINTS, MAX_LEASES,
+    DataplaneConfig, EndpointEntry, EndpointKey, FlowEntry, FlowKey, LeaseEntry, PeerEntry,
+    PeerKey, COUNTER_SLOTS, MAX_ENDPOINTS, MAX_LEASES, MAX_STACK_FLOWS,
 };
 
 /// LIBBPF_PIN_BY_NAME (libbpf.h): pin the map as `<pin dir>/<map name>`.
@@ -82,6 +83,21 @@ impl<K, V, const T: usize, const M: usize, const F: usize, const P: usize>
             )
         };
         (!value.is_null()).then_some(value.cast())
+    }
+
+    /// Stores `value` under `key` unless the key is there already; true if it was stored.
+    #[inline(always)]
+    fn insert_new(&self, key: &K, value: &V) -> bool {
+        // SAFETY: `self` is a map the loader relocated; key and value have its types.
+        let ret = unsafe {
+            bpf_map_update_elem(
+                ptr::from_ref(self).cast_mut().cast::<c_void>(),
+                ptr::from_ref(key).cast(),
+                ptr::from_ref(value).cast(),
+                BPF_NOEXIST.into(),
+            )
+        };
+        ret == 0
     }
 
     /// A copy of the value stored under `key`: the agent may replace the
@@ -146,6 +162,18 @@ static COUNTERS: MapDef<
     PIN_BY_NAME,
 > = MapDef::new();
 
+/// Connections the node's stack carries (see `flow`): written by the programs, read by
+/// the programs; the least recently used go first when it is full.
+#[btf_map(name = "stack_flows")]
+static STACK_FLOWS: MapDef<
+    FlowKey,
+    FlowEntry,
+    { BPF_MAP_TYPE_LRU_HASH as usize },
+    { MAX_STACK_FLOWS as usize },
+    0,
+    PIN_BY_NAME,
+> = MapDef::new();
+
 /// The node's settings (a copy: an agent update cannot tear it mid-packet).
 #[inline(always)]
 pub fn config() -> Option<DataplaneConfig> {
@@ -174,4 +202,16 @@ pub fn endpoint(ip: [u8; 4]) -> Option<EndpointEntry> {
 #[inline(always)]
 pub fn counter_slot(index: u32) -> Option<*mut u64> {
     COUNTERS.lookup(&index)
+}
+
+/// Whether `key` is a connection the stack carries (a lookup also keeps it fresh in the LRU).
+#[inline(always)]
+pub fn stack_flow(key: &FlowKey) -> bool {
+    STACK_FLOWS.lookup(key).is_some()
+}
+
+/// Records `key` as a connection the stack carries; true if it was not recorded yet.
+#[inline(always)]
+pub fn record_stack_flow(key: &FlowKey, recorded_by: u32) -> bool {
+    !stack_flow(key) && STACK_FLOWS.insert_new(key, &FlowEntry { recorded_by })
 }

@@ -13,6 +13,7 @@ pub const ETH_HLEN: usize = size_of::<EthHdr>();
 pub const ETH_P_IP: [u8; 2] = 0x0800u16.to_be_bytes();
 /// An IPv4 header without options.
 pub const IPV4_HLEN: usize = size_of::<Ipv4Hdr>();
+pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
 #[repr(C)]

@@ -14,8 +14,8 @@ use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{HashMap, Map, MapData, MapInfo, PerCpuArray};
 use serde_json::Value;
 use weft_common::{
-    Counter, EndpointEntry, EndpointKey, LeaseEntry, PeerEntry, PeerKey, ALL_MAPS, MAP_COUNTERS,
-    MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS, PROG_FROM_NETDEV, PROG_FROM_POD,
+    Counter, EndpointEntry, EndpointKey, LeaseEntry, PeerEntry, PeerKey, ALL_MAPS, ALL_PROGRAMS,
+    MAP_COUNTERS, MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS,
 };
 
 use crate::exec::{run, Cmd};
@@ -245,16 +245,18 @@ pub fn pins(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// A weft TC filter on an interface's ingress.
+/// A weft TC filter on an interface's ingress or egress.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcFilter {
     pub iface: String,
-    /// The program name (`from_pod` or `from_netdev`).
+    /// `ingress` or `egress`.
+    pub hook: &'static str,
+    /// The program name (`from_pod`, `to_pod`, `from_netdev` or `to_netdev`).
     pub program: String,
     pub prog_id: u64,
 }
 
-/// Every TC ingress filter on every interface of namespace `ns` that is weft's: at weft's
+/// Every TC filter on every interface of namespace `ns` that is weft's: at weft's
 /// priority, or running one of weft's programs.
 pub fn weft_filters(ns: &str) -> Result<Vec<TcFilter>> {
     let out = run(&["ip", "-n", ns, "-j", "link", "show"])?;
@@ -269,37 +271,45 @@ pub fn weft_filters(ns: &str) -> Result<Vec<TcFilter>> {
     Ok(found)
 }
 
-/// weft's TC ingress filters on `iface` in `ns` (see [`weft_filters`]).
+/// weft's TC filters on `iface` in `ns`, ingress then egress (see [`weft_filters`]).
 pub fn weft_filters_of(ns: &str, iface: &str) -> Result<Vec<TcFilter>> {
-    let out = Cmd::new([
-        "tc", "-n", ns, "-j", "filter", "show", "dev", iface, "ingress",
-    ])
-    .output()?;
-    if !out.status.success() || out.stdout.trim().is_empty() {
-        // No clsact qdisc (or the interface just went away): no filters.
-        return Ok(Vec::new());
+    let mut found = Vec::new();
+    for hook in ["ingress", "egress"] {
+        let out =
+            Cmd::new(["tc", "-n", ns, "-j", "filter", "show", "dev", iface, hook]).output()?;
+        if !out.status.success() || out.stdout.trim().is_empty() {
+            // No clsact qdisc (or the interface just went away): no filters.
+            continue;
+        }
+        let filters: Vec<Value> = serde_json::from_str(&out.stdout).with_context(|| {
+            format!(
+                "`tc -j filter show dev {iface} {hook}` in {ns}: {}",
+                out.stdout
+            )
+        })?;
+        found.extend(
+            filters
+                .iter()
+                .filter(|f| f["kind"].as_str() == Some("bpf") && f.get("options").is_some())
+                .filter_map(|f| {
+                    let options = &f["options"];
+                    let program = options["prog"]["name"]
+                        .as_str()
+                        .or_else(|| options["bpf_name"].as_str())
+                        .unwrap_or_default()
+                        .to_string();
+                    let ours = f["pref"].as_u64() == Some(WEFT_FILTER_PRIORITY)
+                        || ALL_PROGRAMS
+                            .iter()
+                            .any(|(name, _)| program.starts_with(name));
+                    ours.then(|| TcFilter {
+                        iface: iface.to_string(),
+                        hook,
+                        program,
+                        prog_id: options["prog"]["id"].as_u64().unwrap_or(0),
+                    })
+                }),
+        );
     }
-    let filters: Vec<Value> = serde_json::from_str(&out.stdout)
-        .with_context(|| format!("`tc -j filter show dev {iface}` in {ns}: {}", out.stdout))?;
-    Ok(filters
-        .iter()
-        .filter(|f| f["kind"].as_str() == Some("bpf") && f.get("options").is_some())
-        .filter_map(|f| {
-            let options = &f["options"];
-            let program = options["prog"]["name"]
-                .as_str()
-                .or_else(|| options["bpf_name"].as_str())
-                .unwrap_or_default()
-                .to_string();
-            let ours = f["pref"].as_u64() == Some(WEFT_FILTER_PRIORITY)
-                || [PROG_FROM_POD, PROG_FROM_NETDEV]
-                    .iter()
-                    .any(|name| program.starts_with(name));
-            ours.then(|| TcFilter {
-                iface: iface.to_string(),
-                program,
-                prog_id: options["prog"]["id"].as_u64().unwrap_or(0),
-            })
-        })
-        .collect())
+    Ok(found)
 }

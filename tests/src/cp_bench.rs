@@ -91,7 +91,7 @@ impl CpResult {
 
 pub fn label(dataplane: Dataplane) -> &'static str {
     match dataplane {
-        Dataplane::Bpf => "weft BPF",
+        Dataplane::Bpf | Dataplane::Auto => "weft BPF",
         Dataplane::Kernel => "kernel (flannel.1)",
     }
 }
@@ -157,7 +157,7 @@ enum Probe {
 impl Probe {
     fn open(lab: &Lab, dataplane: Dataplane, agent_pid: u32) -> Result<Probe> {
         Ok(match dataplane {
-            Dataplane::Bpf => {
+            Dataplane::Bpf | Dataplane::Auto => {
                 let pin = lab.bpf_dir(1).join(MAP_LEASES);
                 let data = MapData::from_pin(&pin)
                     .with_context(|| format!("opening the pinned map {}", pin.display()))?;

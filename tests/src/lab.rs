@@ -22,6 +22,7 @@ use crate::etcd::{Etcd, ETCD_ENDPOINT};
 use crate::exec::{ip, run, run_in, wait_until, Cmd};
 use crate::icmp;
 use crate::kube_lab::{self, ApiServer};
+use crate::kube_proxy::{self, Protocol, ProxyMode, Service};
 use crate::netns::{self, HOST_LOCAL_STATE, TEMP_DIR_PREFIX};
 use crate::process::{tail, Capture, NetnsProcess};
 
@@ -68,14 +69,18 @@ impl Backend {
     }
 }
 
-/// The dataplane a node's agent runs (`--dataplane`). The lab never passes `auto`: a
-/// silent fallback to the kernel path must fail a BPF test, not pass it.
+/// The dataplane a node's agent runs (`--dataplane`). Tests of the fast path pass `bpf`, not
+/// `auto`: a silent fallback to the kernel path must fail a BPF test, not pass it. `Auto`
+/// is for the tests of auto's own decisions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dataplane {
     /// `--dataplane=kernel`: flannel's kernel path only.
     Kernel,
     /// `--dataplane=bpf`: the eBPF fast path (the agent fails if it cannot load it).
     Bpf,
+    /// `--dataplane=auto`: BPF where the kernel takes it, with the fast path off where
+    /// netfilter rules filter forwarded traffic.
+    Auto,
 }
 
 impl Dataplane {
@@ -84,6 +89,7 @@ impl Dataplane {
         match self {
             Dataplane::Kernel => "kernel",
             Dataplane::Bpf => "bpf",
+            Dataplane::Auto => "auto",
         }
     }
 }
@@ -121,6 +127,8 @@ pub struct LabConfig {
     pub start_agents: bool,
     /// More flags for every `weft agent` (not `--dataplane` or `--bpf-dir`: the lab sets them).
     pub extra_agent_args: Vec<String>,
+    /// More flags for one node's agent: node index (from 1) → flags.
+    pub node_agent_args: BTreeMap<usize, Vec<String>>,
     /// The dataplane of every node without an entry in `node_dataplanes`.
     pub dataplane: Dataplane,
     /// Per-node exceptions to `dataplane`: node index (from 1) → dataplane. Also applies
@@ -143,6 +151,7 @@ impl Default for LabConfig {
             network: "10.244.0.0/16".to_string(),
             start_agents: true,
             extra_agent_args: Vec::new(),
+            node_agent_args: BTreeMap::new(),
             dataplane: Dataplane::Kernel,
             node_dataplanes: BTreeMap::new(),
             direct_routing: false,
@@ -578,6 +587,9 @@ impl Lab {
             args.push("--ip-masq".into());
         }
         args.extend(self.config.extra_agent_args.iter().cloned());
+        if let Some(extra) = self.config.node_agent_args.get(&index) {
+            args.extend(extra.iter().cloned());
+        }
         Ok(args)
     }
 
@@ -762,41 +774,70 @@ impl Lab {
     /// Creates a pod on node `index`: a namespace attached by the CNI plugin (`flannel`,
     /// i.e. weft-cni) the way a container runtime calls it, inside the node's namespace.
     pub fn add_pod(&mut self, index: usize) -> Result<Pod> {
-        let plugin = self.cni_bin_dir.join("flannel");
+        self.add_pod_with_ports(index, &[])
+    }
+
+    /// Creates a pod on node `index` with hostPorts: the runtime runs kube-flannel's
+    /// conflist (cni-conf.json) as libcni does, `flannel` then `portmap`, the latter with
+    /// the pod's `portMappings` as runtime config and the former's result as prevResult.
+    pub fn add_pod_with_ports(&mut self, index: usize, ports: &[PortMapping]) -> Result<Pod> {
         self.binary("weft-cni")?;
         let node = self.node_mut(index);
         node.pod_count += 1;
         let name = format!("n{index}p{}", node.pod_count);
-        let conf = json!({
-            "cniVersion": "1.0.0",
-            "name": node.cni_network,
-            "type": "flannel",
-            "subnetFile": node.subnet_file,
-            "dataDir": node.dir.join("cni-data"),
-            "delegate": {"hairpinMode": true, "isDefaultGateway": true},
-        });
+        let conflist = kube_flannel_conflist(
+            &node.cni_network,
+            &node.subnet_file,
+            &node.dir.join("cni-data"),
+        );
         let node_ns = node.ns.clone();
         let ns = self.create_ns(&name)?;
-        let out = Cmd::new([plugin.to_string_lossy().into_owned()])
-            .netns(&node_ns)
-            .env("CNI_COMMAND", "ADD")
-            .env("CNI_CONTAINERID", format!("{}{name}", self.prefix))
-            .env("CNI_NETNS", format!("/var/run/netns/{ns}"))
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", self.cni_bin_dir.to_string_lossy())
-            .stdin(conf.to_string())
-            .timeout(Duration::from_secs(30))
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "CNI ADD of pod {name} on node {index} failed ({}):\nstdout: {}\nstderr: {}",
-                out.status,
-                out.stdout.trim(),
-                out.stderr.trim()
-            );
+        let mut result: Option<Value> = None;
+        for plugin in conflist["plugins"].as_array().context("plugins")? {
+            // libcni: the list's name and cniVersion, the previous plugin's result, and
+            // the runtime config of each capability the plugin declares.
+            let mut conf = plugin.clone();
+            conf["name"] = conflist["name"].clone();
+            conf["cniVersion"] = conflist["cniVersion"].clone();
+            if let Some(previous) = &result {
+                conf["prevResult"] = previous.clone();
+            }
+            if plugin["capabilities"]["portMappings"] == json!(true) {
+                let mappings: Vec<Value> = ports
+                    .iter()
+                    .map(|p| json!({"hostPort": p.host_port, "containerPort": p.container_port, "protocol": p.protocol.name()}))
+                    .collect();
+                conf["runtimeConfig"] = json!({ "portMappings": mappings });
+            }
+            let kind = plugin["type"].as_str().context("plugin type")?;
+            let out = Cmd::new([self.cni_bin_dir.join(kind).to_string_lossy().into_owned()])
+                .netns(&node_ns)
+                .env("CNI_COMMAND", "ADD")
+                .env("CNI_CONTAINERID", format!("{}{name}", self.prefix))
+                .env("CNI_NETNS", format!("/var/run/netns/{ns}"))
+                .env("CNI_IFNAME", "eth0")
+                .env("CNI_PATH", self.cni_bin_dir.to_string_lossy())
+                .stdin(conf.to_string())
+                .timeout(Duration::from_secs(30))
+                .output()?;
+            if !out.status.success() {
+                bail!(
+                    "CNI ADD ({kind}) of pod {name} on node {index} failed ({}):\nstdout: {}\nstderr: {}",
+                    out.status,
+                    out.stdout.trim(),
+                    out.stderr.trim()
+                );
+            }
+            result = Some(serde_json::from_str(&out.stdout).with_context(|| {
+                format!(
+                    "CNI ADD ({kind}) result of pod {name}: {}",
+                    out.stdout.trim()
+                )
+            })?);
         }
-        let ip = pod_ip_from_cni_result(&out.stdout)
-            .with_context(|| format!("CNI ADD result of pod {name}: {}", out.stdout.trim()))?;
+        let result = result.context("the conflist has no plugins")?.to_string();
+        let ip = pod_ip_from_cni_result(&result)
+            .with_context(|| format!("CNI ADD result of pod {name}: {result}"))?;
         let pod = Pod {
             name,
             ns,
@@ -805,6 +846,14 @@ impl Lab {
         };
         self.pods.push(pod.clone());
         Ok(pod)
+    }
+
+    /// Installs kube-proxy's rules for `services` on every node (see [`kube_proxy`]).
+    pub fn install_kube_proxy(&self, mode: ProxyMode, services: &[Service]) -> Result<()> {
+        for node in &self.nodes {
+            kube_proxy::install(&node.ns, mode, services, &self.config.network, node.index)?;
+        }
+        Ok(())
     }
 
     /// Adds `per_node` pods on every node, in node order.
@@ -1243,12 +1292,16 @@ impl Lab {
                 .iter()
                 .any(|f| f.iface == iface && f.program == program)
         };
-        if !has("eth0", "from_netdev") {
-            missing.push("from_netdev on eth0".to_string());
+        for program in ["from_netdev", "to_netdev"] {
+            if !has("eth0", program) {
+                missing.push(format!("{program} on eth0"));
+            }
         }
         for port in self.pod_bridge_ports(index)? {
-            if !has(&port, "from_pod") {
-                missing.push(format!("from_pod on {port}"));
+            for program in ["from_pod", "to_pod"] {
+                if !has(&port, program) {
+                    missing.push(format!("{program} on {port}"));
+                }
             }
         }
         let dir = self.bpf_dir(index);
@@ -1316,7 +1369,7 @@ impl Lab {
                 "----- routes -----\n{}",
                 routes.map(|o| o.stdout).unwrap_or_default()
             );
-            if node.dataplane == Dataplane::Bpf {
+            if node.dataplane != Dataplane::Kernel {
                 let counters = bpf_maps::read_counters(&node.bpf_dir)
                     .map_or_else(|e| format!("{e:#}"), |c| c.to_string());
                 let filters = bpf_maps::weft_filters(&node.ns)
@@ -1453,6 +1506,32 @@ fn pod_ip_from_cni_result(result: &str) -> Result<Ipv4Addr> {
     let ip = address.split('/').next().unwrap_or_default();
     ip.parse()
         .with_context(|| format!("ips[0].address {address} is not an IPv4 CIDR"))
+}
+
+/// A pod's hostPort, as the runtime passes it to portmap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortMapping {
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: Protocol,
+}
+
+/// kube-flannel.yml's cni-conf.json (`10-flannel.conflist`), with the lab's per-node
+/// subnet file and data directory in the flannel entry (nodes share one filesystem here).
+pub fn kube_flannel_conflist(network: &str, subnet_file: &Path, data_dir: &Path) -> Value {
+    json!({
+        "name": network,
+        "cniVersion": "0.3.1",
+        "plugins": [
+            {
+                "type": "flannel",
+                "subnetFile": subnet_file,
+                "dataDir": data_dir,
+                "delegate": {"hairpinMode": true, "isDefaultGateway": true}
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}}
+        ]
+    })
 }
 
 /// Parses `etcdctl get --prefix <prefix>/subnets/` output (key and value lines alternate).

@@ -13,10 +13,12 @@
 pub mod apiserver;
 pub mod bpf;
 pub mod cp_bench;
+pub mod echo;
 pub mod etcd;
 pub mod exec;
 pub mod icmp;
 pub mod kube_lab;
+pub mod kube_proxy;
 pub mod lab;
 pub mod load;
 pub mod netns;
@@ -24,13 +26,14 @@ pub mod packet;
 pub mod plain_flannel;
 pub mod process;
 pub mod traffic;
+pub mod workload;
 
 pub use bpf::{BpfCounters, TcFilter};
 pub use exec::{wait_until, Cmd};
 pub use icmp::{Flood, FloodReport, ProbeOutcome};
 pub use lab::{
-    Backend, Dataplane, KubeLabConfig, Lab, LabConfig, Lease, PingMatrix, Pod, SubnetManager,
-    VxlanPacket, EXTERNAL_HOST, FABRIC_IP,
+    Backend, Dataplane, KubeLabConfig, Lab, LabConfig, Lease, PingMatrix, Pod, PortMapping,
+    SubnetManager, VxlanPacket, EXTERNAL_HOST, FABRIC_IP,
 };
 pub use plain_flannel::PlainFlannelNode;
 pub use traffic::{IperfReport, TcpFlow, TcpFlowReport};

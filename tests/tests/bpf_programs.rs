@@ -1,5 +1,5 @@
-//! weft's datapath programs (`from_pod`, `from_netdev`) run on crafted frames
-//! with BPF_PROG_TEST_RUN, checked byte by byte.
+//! weft's datapath programs (`from_pod`, `from_netdev`, `to_pod`, `to_netdev`) run on
+//! crafted frames with BPF_PROG_TEST_RUN, checked byte by byte.
 //!
 //! Each test loads the object built by `cargo xtask build-ebpf` into a fresh
 //! bpffs, fills the maps as the agent would, and runs the programs from a
@@ -24,9 +24,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use weft_common::{
-    Counter, DataplaneConfig, EndpointEntry, EndpointKey, LeaseEntry, PeerEntry, PeerKey, ALL_MAPS,
-    LEASE_DIRECT, LEASE_VXLAN, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS,
-    PROG_FROM_NETDEV, PROG_FROM_POD, VXLAN_OVERHEAD,
+    Counter, DataplaneConfig, EndpointEntry, EndpointKey, FlowEntry, FlowKey, LeaseEntry,
+    PeerEntry, PeerKey, ALL_MAPS, ALL_PROGRAMS, CONFIG_FAST_PATH_OFF, FAST_PATH_MARK, LEASE_DIRECT,
+    LEASE_VXLAN, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS, MAP_STACK_FLOWS,
+    PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD, RECORDED_TO_NETDEV,
+    RECORDED_TO_POD, VXLAN_OVERHEAD,
 };
 use weft_tests::bpf::TempBpffs;
 use weft_tests::{
@@ -35,7 +37,8 @@ use weft_tests::{
 };
 
 // TC verdicts (linux/pkt_cls.h).
-const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC (-1): "not mine", later filters on the hook run, then the stack.
+const TC_ACT_UNSPEC: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -79,6 +82,7 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 /// Outer UDP source ports: the kernel's default ephemeral range.
 const SPORT_RANGE: std::ops::RangeInclusive<u16> = 32768..=60999;
@@ -128,7 +132,7 @@ fn gso_packet_the_kernel_cannot_resize_is_passed_unchanged() -> Result<()> {
         // packet to the kernel unchanged rather than drop it.
         let frame = pod_frame(VXLAN_POD, 64, 2000);
         let out = dp.run_gso(PROG_FROM_POD, &frame, 1400)?;
-        ensure!(out.action == TC_ACT_OK, "action {}", out.action);
+        ensure!(out.action == TC_ACT_UNSPEC, "action {}", out.action);
         ensure!(out.frame == frame, "the refused packet was changed");
         ensure!(dp.counter(Counter::Passed)? == 1, "Passed counter");
         ensure!(
@@ -383,6 +387,33 @@ fn from_netdev_passes_what_is_not_for_a_local_pod() -> Result<()> {
                 "IHL 4",
                 with_ihl(vxlan_frame(PEER_IP, 0x08, VNI, &to_other, &[]), 4),
             ),
+            // Replies to sources outside every lease leave through the stack (from_pod
+            // passes them), so these must enter through it too: one path per connection.
+            (
+                "routed packet for a local pod from a node address (kubelet, NodePort SNAT)",
+                ethernet(
+                    UPLINK_MAC,
+                    PEER_MAC,
+                    ETH_P_IP,
+                    &ipv4(PEER_IP, LOCAL_POD, 64, IPPROTO_UDP, &udp(1, 2, b"x")),
+                ),
+            ),
+            (
+                "VXLAN for a local pod from an address in no lease",
+                vxlan_frame(
+                    PEER_IP,
+                    0x08,
+                    VNI,
+                    &peer_inner_frame(&ipv4(
+                        STRANGER_IP,
+                        LOCAL_POD,
+                        64,
+                        IPPROTO_UDP,
+                        &udp(1, 2, b"x"),
+                    )),
+                    &[],
+                ),
+            ),
         ];
         check_passed(dp, PROG_FROM_NETDEV, &cases)
     })
@@ -425,7 +456,7 @@ fn truncated_frames_pass_untouched_at_every_length() -> Result<()> {
                     }
                     let out = result.with_context(|| format!("{len} of {} bytes", frame.len()))?;
                     ensure!(
-                        out.action == TC_ACT_OK && out.frame == cut,
+                        out.action == TC_ACT_UNSPEC && out.frame == cut,
                         "{program}: {len} of {} bytes gave action {} (changed: {})",
                         frame.len(),
                         out.action,
@@ -594,14 +625,14 @@ fn check_ttl_decremented(ip: &[u8], out: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Every case passes (TC_ACT_OK) untouched and counts as Passed.
+/// Every case passes (TC_ACT_UNSPEC) untouched and counts as Passed.
 fn check_passed(dp: &Datapath, program: &str, cases: &[(&str, Vec<u8>)]) -> Result<()> {
     for (what, frame) in cases {
         let before = dp.counter(Counter::Passed)?;
         let out = dp.run(program, frame)?;
         ensure!(
-            out.action == TC_ACT_OK,
-            "{program}, {what}: action {}, expected TC_ACT_OK",
+            out.action == TC_ACT_UNSPEC,
+            "{program}, {what}: action {}, expected TC_ACT_UNSPEC",
             out.action
         );
         ensure!(
@@ -630,6 +661,348 @@ fn check_passed(dp: &Datapath, program: &str, cases: &[(&str, Vec<u8>)]) -> Resu
 }
 
 // ---------------------------------------------------------------------------
+// Connections the node's stack carries (stack_flows)
+
+/// A TCP segment from `src:sport` to `dst:dport` in an Ethernet frame.
+fn tcp_frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    // Ports, sequence and ack numbers, data offset 5, flags ACK, window, checksum, urgent.
+    let mut segment = [&sport.to_be_bytes()[..], &dport.to_be_bytes()].concat();
+    segment.extend_from_slice(&[
+        0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x10, 0xff, 0xff, 0x12, 0x34, 0, 0,
+    ]);
+    segment.extend_from_slice(b"payload");
+    ethernet(
+        GATEWAY_MAC,
+        LOCAL_POD_MAC,
+        ETH_P_IP,
+        &ipv4(src, dst, 64, IPPROTO_TCP, &segment),
+    )
+}
+
+#[test]
+fn a_connection_the_stack_delivered_into_a_pod_stays_on_the_kernel_path() -> Result<()> {
+    with_datapath(|dp| {
+        // portmap's hostPort: a pod on the peer reached node:8080, the stack DNATed it to
+        // the local pod's port 80 and delivered it: to_pod sees it after the DNAT.
+        let delivered = tcp_frame(VXLAN_POD, 41000, LOCAL_POD, 80);
+        let out = dp.run(PROG_TO_POD, &delivered)?;
+        ensure!(out.action == TC_ACT_UNSPEC, "to_pod verdict {}", out.action);
+        ensure!(out.frame == delivered, "to_pod changed the frame");
+        let expected = FlowKey::new(
+            IPPROTO_TCP,
+            LOCAL_POD,
+            [0, 80],
+            VXLAN_POD,
+            41000u16.to_be_bytes(),
+        );
+        ensure!(
+            dp.stack_flows()? == vec![(expected, RECORDED_TO_POD)],
+            "stack_flows: {:?}",
+            dp.stack_flows()?
+        );
+        ensure!(
+            dp.counter(Counter::FlowRecorded)? == 1,
+            "FlowRecorded counter"
+        );
+        // The same connection again is not a new record.
+        dp.run(PROG_TO_POD, &delivered)?;
+        ensure!(dp.counter(Counter::FlowRecorded)? == 1, "recorded twice");
+
+        // The pod's reply must meet the stack that translated the request: passed, not
+        // encapsulated, although its destination is a VXLAN lease.
+        let reply = tcp_frame(LOCAL_POD, 80, VXLAN_POD, 41000);
+        let out = dp.run(PROG_FROM_POD, &reply)?;
+        ensure!(
+            out.action == TC_ACT_UNSPEC,
+            "from_pod verdict {}",
+            out.action
+        );
+        ensure!(out.frame == reply, "from_pod changed a stack packet");
+        ensure!(dp.counter(Counter::StackFlow)? == 1, "StackFlow counter");
+        ensure!(
+            dp.counter(Counter::Encap)? == 0,
+            "encapsulated a stack packet"
+        );
+
+        // Another connection of the same pod (other client port) takes the fast path.
+        let other = tcp_frame(LOCAL_POD, 80, VXLAN_POD, 41001);
+        let out = dp.run(PROG_FROM_POD, &other)?;
+        ensure!(
+            out.action == TC_ACT_REDIRECT,
+            "other connection: verdict {}",
+            out.action
+        );
+        ensure!(
+            out.mark & FAST_PATH_MARK != 0,
+            "a redirected packet carries no fast-path mark (mark {:#x})",
+            out.mark
+        );
+
+        // The client's next segment arrives over VXLAN: flannel.<VNI> must decapsulate it
+        // into the stack (conntrack), not the program into the pod.
+        let inner = ipv4(
+            VXLAN_POD,
+            LOCAL_POD,
+            64,
+            IPPROTO_TCP,
+            &tcp_frame(VXLAN_POD, 41000, LOCAL_POD, 80)[34..],
+        );
+        let tunnel = vxlan_frame(PEER_IP, 0x08, VNI, &peer_inner_frame(&inner), &[]);
+        let out = dp.run(PROG_FROM_NETDEV, &tunnel)?;
+        ensure!(
+            out.action == TC_ACT_UNSPEC,
+            "from_netdev verdict {}",
+            out.action
+        );
+        ensure!(out.frame == tunnel, "from_netdev changed a stack packet");
+        ensure!(
+            dp.counter(Counter::Decap)? == 0,
+            "decapsulated a stack packet"
+        );
+        ensure!(dp.counter(Counter::StackFlow)? == 2, "StackFlow counter");
+        Ok(())
+    })
+}
+
+#[test]
+fn a_connection_the_stack_sent_to_a_peer_gets_its_replies_through_the_stack() -> Result<()> {
+    with_datapath(|dp| {
+        // kube-proxy DNATed the local pod's request to a ClusterIP to a pod on the peer,
+        // and flannel.<VNI> encapsulated it: to_netdev sees the tunnel packet.
+        let request = ipv4(
+            LOCAL_POD,
+            VXLAN_POD,
+            63,
+            IPPROTO_UDP,
+            &udp(40000, 53, b"query"),
+        );
+        let kernel_tunnel = {
+            let mut vxlan = vec![0x08, 0, 0, 0];
+            vxlan.extend_from_slice(&(VNI << 8).to_be_bytes());
+            vxlan.extend_from_slice(&ethernet(PEER_VTEP_MAC, OWN_VTEP_MAC, ETH_P_IP, &request));
+            let outer = ipv4(
+                NODE_IP,
+                PEER_IP,
+                64,
+                IPPROTO_UDP,
+                &udp(51234, VXLAN_PORT, &vxlan),
+            );
+            ethernet(PEER_MAC, UPLINK_MAC, ETH_P_IP, &outer)
+        };
+        let out = dp.run(PROG_TO_NETDEV, &kernel_tunnel)?;
+        ensure!(
+            out.action == TC_ACT_UNSPEC,
+            "to_netdev verdict {}",
+            out.action
+        );
+        ensure!(out.frame == kernel_tunnel, "to_netdev changed the frame");
+        let expected = FlowKey::new(
+            IPPROTO_UDP,
+            LOCAL_POD,
+            40000u16.to_be_bytes(),
+            VXLAN_POD,
+            [0, 53],
+        );
+        ensure!(
+            dp.stack_flows()? == vec![(expected, RECORDED_TO_NETDEV)],
+            "stack_flows: {:?}",
+            dp.stack_flows()?
+        );
+
+        // The backend's reply, fast-pathed by the peer, reaches this node's uplink: it
+        // must go to flannel.<VNI> and conntrack (which turns its source back into the
+        // ClusterIP), not straight into the pod.
+        let reply = ipv4(
+            VXLAN_POD,
+            LOCAL_POD,
+            64,
+            IPPROTO_UDP,
+            &udp(53, 40000, b"answer"),
+        );
+        let tunnel = vxlan_frame(PEER_IP, 0x08, VNI, &peer_inner_frame(&reply), &[]);
+        let out = dp.run(PROG_FROM_NETDEV, &tunnel)?;
+        ensure!(
+            out.action == TC_ACT_UNSPEC,
+            "from_netdev verdict {}",
+            out.action
+        );
+        ensure!(
+            dp.counter(Counter::Decap)? == 0,
+            "decapsulated the reply into the pod"
+        );
+
+        // host-gw: the stack routes the DNATed request out unencapsulated.
+        let routed = tcp_frame(LOCAL_POD, 40001, DIRECT_POD, 8080);
+        dp.run(PROG_TO_NETDEV, &routed)?;
+        let reply = {
+            let mut frame = tcp_frame(DIRECT_POD, 8080, LOCAL_POD, 40001);
+            frame[0..6].copy_from_slice(&UPLINK_MAC);
+            frame[6..12].copy_from_slice(&PEER_MAC);
+            frame
+        };
+        let out = dp.run(PROG_FROM_NETDEV, &reply)?;
+        ensure!(
+            out.action == TC_ACT_UNSPEC,
+            "routed reply: verdict {}",
+            out.action
+        );
+        ensure!(
+            dp.counter(Counter::DirectIn)? == 0,
+            "delivered the routed reply into the pod"
+        );
+        ensure!(dp.counter(Counter::StackFlow)? == 2, "StackFlow counter");
+        Ok(())
+    })
+}
+
+#[test]
+fn to_netdev_ignores_the_fast_paths_packets_and_clears_their_mark() -> Result<()> {
+    with_datapath(|dp| {
+        // What from_pod redirected: marked. Not the stack's, so not recorded; the mark
+        // must not leave the node (nor reach anything after this hook).
+        let encapsulated = dp.run(PROG_FROM_POD, &pod_frame(VXLAN_POD, 64, 100))?;
+        ensure!(encapsulated.action == TC_ACT_REDIRECT, "from_pod verdict");
+        let other_bits = 0x4000;
+        let out = dp.run_marked(
+            PROG_TO_NETDEV,
+            &encapsulated.frame,
+            FAST_PATH_MARK | other_bits,
+        )?;
+        ensure!(
+            out.action == TC_ACT_UNSPEC,
+            "to_netdev verdict {}",
+            out.action
+        );
+        ensure!(
+            out.mark == other_bits,
+            "mark after to_netdev: {:#x}",
+            out.mark
+        );
+        ensure!(dp.stack_flows()?.is_empty(), "recorded a fast-path packet");
+
+        // The stack's packets from the node itself (not from a pod) are not recorded:
+        // their replies are for no pod, and from_netdev leaves those to the kernel anyway.
+        let host = ipv4(NODE_IP, VXLAN_POD, 64, IPPROTO_UDP, &udp(45000, 53, b"q"));
+        dp.run(
+            PROG_TO_NETDEV,
+            &ethernet(PEER_MAC, UPLINK_MAC, ETH_P_IP, &host),
+        )?;
+        ensure!(
+            dp.stack_flows()?.is_empty(),
+            "recorded the node's own connection"
+        );
+        ensure!(
+            dp.counter(Counter::FlowRecorded)? == 0,
+            "FlowRecorded counter"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn fragments_and_icmp_errors_to_a_lease_take_the_kernel_path() -> Result<()> {
+    with_datapath(|dp| {
+        let fragment = {
+            let mut frame = pod_frame(VXLAN_POD, 64, 100);
+            // More fragments, offset 0: conntrack reassembles before it can tell the flow.
+            frame[20] = 0x20;
+            frame[24..26].copy_from_slice(&[0, 0]);
+            let sum = checksum(&frame[14..34]);
+            frame[24..26].copy_from_slice(&sum.to_be_bytes());
+            frame
+        };
+        let port_unreachable = {
+            let quoted = ipv4(VXLAN_POD, LOCAL_POD, 64, IPPROTO_UDP, &udp(53, 40000, b""));
+            let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+            icmp.extend_from_slice(&quoted);
+            ethernet(
+                GATEWAY_MAC,
+                LOCAL_POD_MAC,
+                ETH_P_IP,
+                &ipv4(LOCAL_POD, VXLAN_POD, 64, IPPROTO_ICMP, &icmp),
+            )
+        };
+        check_passed(
+            dp,
+            PROG_FROM_POD,
+            &[
+                ("a first fragment", fragment),
+                ("an ICMP error (port unreachable)", port_unreachable),
+            ],
+        )?;
+        // An echo request is a connection of its own (its identifier as the port).
+        let echo = ethernet(
+            GATEWAY_MAC,
+            LOCAL_POD_MAC,
+            ETH_P_IP,
+            &ipv4(
+                LOCAL_POD,
+                VXLAN_POD,
+                64,
+                IPPROTO_ICMP,
+                &[8, 0, 0, 0, 0x12, 0x34, 0, 1],
+            ),
+        );
+        let out = dp.run(PROG_FROM_POD, &echo)?;
+        ensure!(
+            out.action == TC_ACT_REDIRECT,
+            "echo request: verdict {}",
+            out.action
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn with_the_fast_path_off_everything_takes_the_kernel_path() -> Result<()> {
+    with_datapath(|dp| {
+        dp.set_flags(CONFIG_FAST_PATH_OFF)?;
+        let routed_in = ethernet(
+            UPLINK_MAC,
+            PEER_MAC,
+            ETH_P_IP,
+            &ipv4(VXLAN_POD, LOCAL_POD, 64, IPPROTO_UDP, &udp(1, 2, b"x")),
+        );
+        let tunnel_in = vxlan_frame(
+            PEER_IP,
+            0x08,
+            VNI,
+            &peer_inner_frame(&inner_ip(LOCAL_POD, 63)),
+            &[],
+        );
+        check_passed(
+            dp,
+            PROG_FROM_POD,
+            &[
+                ("to a VXLAN lease", pod_frame(VXLAN_POD, 64, 100)),
+                ("to a direct lease", pod_frame(DIRECT_POD, 64, 100)),
+            ],
+        )?;
+        check_passed(
+            dp,
+            PROG_FROM_NETDEV,
+            &[
+                ("VXLAN for a local pod", tunnel_in),
+                ("routed packet for a local pod", routed_in),
+            ],
+        )?;
+        // The port stays closed to strangers all the same.
+        let stranger = vxlan_frame(
+            STRANGER_IP,
+            0x08,
+            VNI,
+            &peer_inner_frame(&inner_ip(LOCAL_POD, 63)),
+            &[],
+        );
+        ensure!(
+            dp.run(PROG_FROM_NETDEV, &stranger)?.action == TC_ACT_SHOT,
+            "a stranger's VXLAN"
+        );
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------
 // The datapath under test
 
 /// The loaded programs and their maps, filled as the agent would for this
@@ -642,7 +1015,14 @@ struct Datapath {
 struct Outcome {
     action: u32,
     frame: Vec<u8>,
+    /// `skb->mark` after the program ran.
+    mark: u32,
 }
+
+/// Byte offset of `mark` in struct __sk_buff (uapi/linux/bpf.h).
+const SKB_MARK_OFFSET: usize = 8;
+/// The part of struct __sk_buff BPF_PROG_TEST_RUN takes and gives back.
+const SKB_CTX_LEN: usize = 192;
 
 impl Datapath {
     fn load(uplink_ifindex: u32) -> Result<Self> {
@@ -658,7 +1038,7 @@ impl Datapath {
             .default_map_pin_directory(bpffs.path())
             .load(&bytes)
             .context("loading the eBPF object")?;
-        for name in [PROG_FROM_POD, PROG_FROM_NETDEV] {
+        for (name, _) in ALL_PROGRAMS {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("the object has no program {name}"))?
@@ -679,7 +1059,7 @@ impl Datapath {
             DataplaneConfig {
                 vni: VNI,
                 vxlan_port: VXLAN_PORT,
-                _pad: 0,
+                flags: 0,
                 node_ip: NODE_IP,
                 uplink_ifindex,
                 inner_mtu: INNER_MTU,
@@ -726,6 +1106,15 @@ impl Datapath {
         Ok(())
     }
 
+    /// Rewrites the config's flags (as the agent does when the fast path switches).
+    fn set_flags(&mut self, flags: u16) -> Result<()> {
+        let mut config: Array<_, DataplaneConfig> = Array::try_from(self.map(MAP_CONFIG)?)?;
+        let mut value = config.get(&0, 0)?;
+        value.flags = flags;
+        config.set(0, value, 0)?;
+        Ok(())
+    }
+
     fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
         self.ebpf
             .map_mut(name)
@@ -747,29 +1136,59 @@ impl Datapath {
     /// Runs `program` on `frame` as a GSO packet of `gso_size`-byte segments.
     fn run_gso(&self, program: &str, frame: &[u8], gso_size: u32) -> Result<Outcome> {
         // struct __sk_buff: gso_segs at byte 164, gso_size at 176 (uapi/linux/bpf.h).
-        let mut skb = [0u8; 192];
+        let mut skb = [0u8; SKB_CTX_LEN];
         let segments = (frame.len() as u32).div_ceil(gso_size);
         skb[164..168].copy_from_slice(&segments.to_ne_bytes());
         skb[176..180].copy_from_slice(&gso_size.to_ne_bytes());
         self.run_with_context(program, frame, Some(&skb))
     }
 
+    /// Runs `program` on `frame` with `skb->mark` set to `mark`.
+    fn run_marked(&self, program: &str, frame: &[u8], mark: u32) -> Result<Outcome> {
+        let mut skb = [0u8; SKB_CTX_LEN];
+        skb[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].copy_from_slice(&mark.to_ne_bytes());
+        self.run_with_context(program, frame, Some(&skb))
+    }
+
     fn run_with_context(&self, program: &str, frame: &[u8], skb: Option<&[u8]>) -> Result<Outcome> {
         let mut out = vec![0u8; frame.len() + 256];
+        let zeroes = [0u8; SKB_CTX_LEN];
+        let mut ctx_out = [0u8; SKB_CTX_LEN];
         let result = self
             .program(program)?
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
-                ctx_in: skb,
+                // Always pass a context, so that the kernel hands one back.
+                ctx_in: Some(skb.unwrap_or(&zeroes)),
+                ctx_out: Some(&mut ctx_out),
                 ..TestRunOptions::default()
             })
             .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
         out.truncate(result.data_size_out as usize);
+        let mark = u32::from_ne_bytes(
+            ctx_out[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4]
+                .try_into()
+                .expect("4 bytes"),
+        );
         Ok(Outcome {
             action: result.return_value,
             frame: out,
+            mark,
         })
+    }
+
+    /// The connections recorded in `stack_flows`, with who recorded them.
+    fn stack_flows(&self) -> Result<Vec<(FlowKey, u32)>> {
+        let map = self
+            .ebpf
+            .map(MAP_STACK_FLOWS)
+            .with_context(|| format!("the object has no map {MAP_STACK_FLOWS}"))?;
+        let flows: HashMap<_, FlowKey, FlowEntry> = HashMap::try_from(map)?;
+        flows
+            .iter()
+            .map(|item| Ok(item.map(|(key, entry)| (key, entry.recorded_by))?))
+            .collect()
     }
 
     /// `counter` summed over CPUs.
@@ -786,7 +1205,7 @@ impl Datapath {
 /// Builds the test bed, loads the datapath inside it and runs `check`.
 fn with_datapath<F>(check: F) -> Result<()>
 where
-    F: FnOnce(&Datapath) -> Result<()> + Send + 'static,
+    F: FnOnce(&mut Datapath) -> Result<()> + Send + 'static,
 {
     let bed = TestBed::create()?;
     icmp::in_netns(&bed.namespace, move || {
@@ -794,8 +1213,8 @@ where
         // SAFETY: if_nametoindex(3) on a valid C string.
         let uplink_ifindex = unsafe { libc::if_nametoindex(uplink.as_ptr()) };
         ensure!(uplink_ifindex != 0, "no {UPLINK} in the test namespace");
-        let datapath = Datapath::load(uplink_ifindex)?;
-        check(&datapath)
+        let mut datapath = Datapath::load(uplink_ifindex)?;
+        check(&mut datapath)
     })
 }
 

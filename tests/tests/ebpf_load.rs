@@ -317,7 +317,7 @@ fn fill_node_a_maps(ebpf: &mut Ebpf) -> Result<()> {
         DataplaneConfig {
             vni: VNI,
             vxlan_port: VXLAN_PORT,
-            _pad: 0,
+            flags: 0,
             node_ip: NODE_A,
             uplink_ifindex: ifindex("up0")?,
             inner_mtu: POD_MTU,

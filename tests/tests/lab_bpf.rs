@@ -396,6 +396,40 @@ fn vxlan_bpf_path_mtu_fits_or_is_answered_with_frag_needed() {
         delta.get(Counter::Passed) >= 1,
         "the oversize packet was not passed to the kernel: {delta}"
     );
+    // TCP between 1500-MTU pods: GSO packets whose segments (1448 bytes of payload plus 52
+    // of headers) do not fit the tunnel go to the kernel, whose fragmentation-needed
+    // lowers the path MTU; redirected, they would leave the uplink as oversize frames.
+    // Both ends at 1500, so that the MSS they agree on makes segments too big for the
+    // tunnel; and forget the path MTU the pings above taught the pod.
+    let b_veth = lab.host_veth(b).expect("host-side veth");
+    ip(&b.ns, "link set eth0 mtu 1500").unwrap();
+    ip(lab.node_ns(b.node), &format!("link set {b_veth} mtu 1500")).unwrap();
+    ip(&a.ns, "route flush cache").unwrap();
+    let before = counters(&lab, a.node);
+    let flow = TcpFlow::start(a, b, 7100, 10 << 20, Duration::from_secs(20))
+        .expect("a TCP stream from the 1500-MTU pod");
+    // The stream's duration (load, not a proof of anything by itself).
+    std::thread::sleep(Duration::from_secs(2));
+    let report = flow.finish().expect("the TCP stream");
+    assert!(
+        report.complete() && report.received >= 10 << 20,
+        "the TCP stream from the 1500-MTU pod stalled: {report:?}"
+    );
+    // The kernel answered the oversize segments with fragmentation-needed: the pod learned
+    // the tunnel's path MTU (on a veth underlay oversize GSO packets would cross anyway;
+    // on a NIC with TSO they would be dropped on the wire).
+    let route = run_in(&a.ns, &["ip", "route", "get", &b.ip.to_string()]).unwrap();
+    assert!(
+        route.contains(&format!("mtu {pod_mtu}")),
+        "after the TCP stream the pod has no path MTU of {pod_mtu} for {}: {route}",
+        b.ip
+    );
+    eprintln!(
+        "TCP from the 1500-MTU pod: {report:?}; node {}: {}",
+        a.node,
+        counters(&lab, a.node).since(&before)
+    );
+
     // Without DF the kernel fragments it, and the ping crosses.
     let outcome = icmp::probe(&a.ns, b.ip, 1472, false, wait).expect("probe");
     assert!(
@@ -557,13 +591,26 @@ fn vxlan_bpf_drops_vxlan_from_hosts_without_a_lease() {
 // ---------------------------------------------------------------------------------------
 // 8. Restarting the agent does not interrupt traffic.
 
-/// weft's filters on node `node`, by interface.
-fn filters_by_iface(lab: &Lab, node: usize) -> BTreeMap<String, TcFilter> {
+/// weft's filters on node `node`, by interface and program.
+fn filters_by_hook(lab: &Lab, node: usize) -> BTreeMap<(String, String), TcFilter> {
     lab.weft_filters(node)
         .expect("tc filter show")
         .into_iter()
-        .map(|f| (f.iface.clone(), f))
+        .map(|f| ((f.iface.clone(), f.program.clone()), f))
         .collect()
+}
+
+/// The (interface, program) pairs of a node with one pod behind host veth `veth`.
+fn hooks(veth: &str) -> Vec<(String, String)> {
+    [
+        ("eth0", "from_netdev"),
+        ("eth0", "to_netdev"),
+        (veth, "from_pod"),
+        (veth, "to_pod"),
+    ]
+    .into_iter()
+    .map(|(iface, program)| (iface.to_string(), program.to_string()))
+    .collect()
 }
 
 fn log_since(lab: &Lab, node: usize, marker_count: usize) -> String {
@@ -588,11 +635,11 @@ fn restart_keeps_traffic_flowing(signal: libc::c_int) {
         dir.display()
     );
     let leases = read_leases(&dir).expect("leases map");
-    let filters = filters_by_iface(&lab, node);
-    for iface in ["eth0", veth.as_str()] {
+    let filters = filters_by_hook(&lab, node);
+    for hook in hooks(&veth) {
         assert!(
-            filters.contains_key(iface),
-            "no weft filter on {iface}: {filters:?}"
+            filters.contains_key(&hook),
+            "no weft filter {hook:?}: {filters:?}"
         );
     }
     let counters_before = counters(&lab, node);
@@ -610,7 +657,7 @@ fn restart_keeps_traffic_flowing(signal: libc::c_int) {
     assert!(!lab.agent_running(node));
     let stopped = started.elapsed();
     std::thread::sleep(Duration::from_millis(300));
-    let while_down = filters_by_iface(&lab, node);
+    let while_down = filters_by_hook(&lab, node);
     assert_eq!(
         while_down, filters,
         "weft's filters changed while the agent was down"
@@ -628,18 +675,16 @@ fn restart_keeps_traffic_flowing(signal: libc::c_int) {
         "the restarted agent to replace its filters",
         BPF_SYNC,
         || {
-            let now = filters_by_iface(&lab, node);
-            Ok(["eth0", veth.as_str()].iter().all(|iface| {
-                now.get(*iface)
-                    .zip(filters.get(*iface))
-                    .is_some_and(|(new, old)| {
-                        new.prog_id != old.prog_id && new.program == old.program
-                    })
+            let now = filters_by_hook(&lab, node);
+            Ok(hooks(&veth).iter().all(|hook| {
+                now.get(hook)
+                    .zip(filters.get(hook))
+                    .is_some_and(|(new, old)| new.prog_id != old.prog_id)
             }))
         },
     )
     .map(|_| started.elapsed())
-    .unwrap_or_else(|e| panic!("{e:#}: {:?}", filters_by_iface(&lab, node)));
+    .unwrap_or_else(|e| panic!("{e:#}: {:?}", filters_by_hook(&lab, node)));
     let counters_replaced = counters(&lab, node);
     std::thread::sleep(Duration::from_millis(1000));
 

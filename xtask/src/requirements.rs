@@ -133,6 +133,16 @@ pub const REQUIREMENTS: &[Requirement] = &[
     program("iptables", "iptables", AGENT),
     program("iptables-save", "iptables", AGENT),
     program("iptables-restore", "iptables", AGENT),
+    program(
+        "iptables-nft-save",
+        "iptables",
+        "the agent's check for policy rules in FORWARD",
+    ),
+    program(
+        "iptables-legacy-save",
+        "iptables",
+        "the agent's check for policy rules in FORWARD",
+    ),
     program("iperf3", "iperf3", LOAD),
     program("sockperf", "sockperf", LOAD),
     // Part of every Debian system; listed because the tests start them.

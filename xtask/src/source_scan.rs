@@ -168,7 +168,14 @@ fn raw_string_start(chars: &[char], i: usize) -> Option<(usize, usize)> {
 }
 
 /// Calls whose first argument, when it is a literal, is the program.
-const PROGRAM_FIRST: &[&str] = &["Command::new", "words_in", "run", "run_ok", "run_cmd"];
+const PROGRAM_FIRST: &[&str] = &[
+    "Command::new",
+    "words_in",
+    "run",
+    "run_ok",
+    "run_cmd",
+    "output",
+];
 /// Names that mark a statement as starting a process.
 const STARTERS: &[&str] = &[
     "Command", "Cmd", "run", "run_in", "run_cmd", "run_ok", "words_in", "spawn", "Capture",
@@ -313,7 +320,8 @@ fn is_array_literal(statement: &[Token], k: usize) -> bool {
     }
     match k.checked_sub(1).and_then(|p| statement.get(p)) {
         None => true,
-        Some(Token::Ident(name)) => name.ends_with('!') || name == "in" || name == "return",
+        // Not `in`: `for x in [..]` iterates over values, it starts nothing.
+        Some(Token::Ident(name)) => name.ends_with('!') || name == "return",
         Some(Token::Punct(c)) => !matches!(c, ')' | ']' | '?'),
         Some(Token::Str(_)) => false,
     }

@@ -39,6 +39,11 @@ pub trait Backend: Send {
     /// How the kernel state this backend programmed reaches `subnet`: through the overlay
     /// device or by a direct route; `None` if it does not route it (skipped lease, own lease).
     fn reach(&self, subnet: Ipv4Network) -> Option<Reach>;
+
+    /// For a dataplane with a fast path: whether it is on, and why. `None` otherwise.
+    fn fast_path(&self) -> Option<(bool, String)> {
+        None
+    }
 }
 
 /// How a remote lease is reached.

@@ -21,13 +21,13 @@ use rtnetlink::Handle;
 use tracing::{debug, info, warn};
 
 use weft_common::{
-    DataplaneConfig, EndpointEntry, EndpointKey, LeaseEntry, PeerEntry, PeerKey, LEASE_DIRECT,
-    LEASE_VXLAN, MAP_CONFIG, MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS, PROG_FROM_NETDEV,
-    VXLAN_OVERHEAD,
+    DataplaneConfig, EndpointEntry, EndpointKey, LeaseEntry, PeerEntry, PeerKey,
+    CONFIG_FAST_PATH_OFF, LEASE_DIRECT, LEASE_VXLAN, MAP_CONFIG, MAP_ENDPOINTS, MAP_LEASES,
+    MAP_PEERS, PROG_FROM_NETDEV, PROG_TO_NETDEV,
 };
 
 use super::endpoints::PodWatcher;
-use super::{read_counters, tc, BpfOptions};
+use super::{policy, read_counters, tc, BpfOptions};
 use crate::backend::{Backend, Reach};
 use crate::config::{BackendConf, NetConf, VxlanConf};
 use crate::iface::ExtIface;
@@ -68,6 +68,9 @@ pub struct BpfDataplane {
     watcher: Option<PodWatcher>,
     /// Whether `from_netdev` was attached to the uplink by this process.
     uplink_attached: bool,
+    /// What `register` returned (the config is rewritten when the fast path switches).
+    attrs: Option<LeaseAttrs>,
+    fast_path: FastPath,
 }
 
 impl BpfDataplane {
@@ -110,18 +113,26 @@ impl BpfDataplane {
             own: None,
             watcher: None,
             uplink_attached: false,
+            attrs: None,
+            fast_path: FastPath::on("not checked yet"),
         })
     }
 
     fn write_config(&mut self, attrs: &LeaseAttrs) -> Result<()> {
-        let (vni, port, inner_mtu) = match &self.vxlan {
-            Some(vx) => (vx.vni, vx.port, self.ext.mtu.saturating_sub(VXLAN_OVERHEAD)),
-            None => (0, 0, self.ext.mtu),
+        // The pods' MTU is flannel.<VNI>'s (Backend.MTU honoured) or the uplink's.
+        let inner_mtu = self.kernel.pod_mtu();
+        let (vni, port) = match &self.vxlan {
+            Some(vx) => (vx.vni, vx.port),
+            None => (0, 0),
         };
         let config = DataplaneConfig {
             vni,
             vxlan_port: port,
-            _pad: 0,
+            flags: if self.fast_path.on {
+                0
+            } else {
+                CONFIG_FAST_PATH_OFF
+            },
             node_ip: self.ext.addr.octets(),
             uplink_ifindex: self.ext.index,
             inner_mtu,
@@ -236,25 +247,61 @@ impl BpfDataplane {
         Ok(())
     }
 
-    /// Attaches `from_netdev` to the uplink unless it already runs there.
+    /// Attaches `from_netdev` and `to_netdev` to the uplink unless they already run there.
     async fn ensure_uplink_program(&mut self) -> Result<()> {
         let (index, name) = (self.ext.index, &self.ext.name);
-        if let Some(how) =
-            tc::ensure_attached(&self.handle, &self.ebpf, PROG_FROM_NETDEV, index, name).await?
-        {
-            if self.uplink_attached {
-                warn!(
-                    "resync: re-attached {PROG_FROM_NETDEV} to {}: its TC filter was gone",
-                    self.ext.name
-                );
-            } else {
-                info!(
-                    "attached {PROG_FROM_NETDEV} to the TC ingress of {} ({how})",
-                    self.ext.name
-                );
+        for program in [PROG_FROM_NETDEV, PROG_TO_NETDEV] {
+            if let Some(how) =
+                tc::ensure_attached(&self.handle, &self.ebpf, program, index, name).await?
+            {
+                if self.uplink_attached {
+                    warn!("resync: re-attached {program} to {name}: its TC filter was gone");
+                } else {
+                    info!("attached {program} to {name} ({how})");
+                }
             }
         }
         self.uplink_attached = true;
+        Ok(())
+    }
+
+    /// Looks for netfilter rules that filter forwarded pod traffic (see [`policy`]) and
+    /// switches the fast path off while there are any, unless `--dataplane=bpf` forces it.
+    /// Logs changes only.
+    fn check_forward_filters(&mut self) -> Result<()> {
+        let filters = policy::forward_filters();
+        let wanted = match (filters.first(), self.options.force_fast_path) {
+            (None, _) => FastPath::on("no netfilter rule filters forwarded pod traffic"),
+            (Some(first), false) => FastPath::off(format!(
+                "netfilter filters forwarded traffic ({first}{}), which the fast path would bypass",
+                more(&filters)
+            )),
+            (Some(first), true) => FastPath::on(format!(
+                "forced by --dataplane=bpf although netfilter filters forwarded traffic ({first}{}): \
+                 those rules do not see pod traffic between nodes",
+                more(&filters)
+            )),
+        };
+        if wanted == self.fast_path {
+            return Ok(());
+        }
+        match (&wanted, self.options.force_fast_path) {
+            (FastPath { on: false, .. }, _) => warn!(
+                "fast path off: {}; pod traffic takes the kernel path",
+                wanted.why
+            ),
+            (FastPath { on: true, .. }, true) if !filters.is_empty() => {
+                warn!("fast path on: {}", wanted.why)
+            }
+            _ => info!("fast path on: {}", wanted.why),
+        }
+        let switched = wanted.on != self.fast_path.on;
+        self.fast_path = wanted;
+        if switched {
+            if let Some(attrs) = self.attrs.clone() {
+                self.write_config(&attrs)?;
+            }
+        }
         Ok(())
     }
 
@@ -317,6 +364,9 @@ pub(crate) fn remove_ok(result: Result<(), MapError>) -> Result<(), MapError> {
 impl Backend for BpfDataplane {
     async fn register(&mut self, previous: Option<&Lease>) -> Result<LeaseAttrs> {
         let attrs = self.kernel.register(previous).await?;
+        self.attrs = Some(attrs.clone());
+        // Before any program sees a packet: off from the start where policy rules exist.
+        self.check_forward_filters()?;
         self.write_config(&attrs)?;
         Ok(attrs)
     }
@@ -356,6 +406,7 @@ impl Backend for BpfDataplane {
 
     async fn resync(&mut self, leases: &[Lease]) -> Result<()> {
         let kernel = self.kernel.resync(leases).await;
+        self.check_forward_filters()?;
         let wanted = self.wanted_entries(leases);
         self.sync_maps(wanted)?;
         // After the maps hold the lease table: from_netdev admits VXLAN from peers only.
@@ -373,5 +424,40 @@ impl Backend for BpfDataplane {
 
     fn reach(&self, subnet: Ipv4Network) -> Option<Reach> {
         self.kernel.reach(subnet)
+    }
+
+    fn fast_path(&self) -> Option<(bool, String)> {
+        Some((self.fast_path.on, self.fast_path.why.clone()))
+    }
+}
+
+/// Whether the programs redirect pod traffic, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FastPath {
+    on: bool,
+    why: String,
+}
+
+impl FastPath {
+    fn on(why: impl Into<String>) -> Self {
+        FastPath {
+            on: true,
+            why: why.into(),
+        }
+    }
+
+    fn off(why: impl Into<String>) -> Self {
+        FastPath {
+            on: false,
+            why: why.into(),
+        }
+    }
+}
+
+/// ", and N more" for a list whose first item was named.
+fn more(items: &[String]) -> String {
+    match items.len() {
+        0 | 1 => String::new(),
+        n => format!(", and {} more", n - 1),
     }
 }

@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use weft_common::{EndpointEntry, EndpointKey, PROG_FROM_POD};
+use weft_common::{EndpointEntry, EndpointKey, PROG_FROM_POD, PROG_TO_POD};
 
 use super::dataplane::{remove_ok, EndpointMap};
 use super::tc;
@@ -128,7 +128,7 @@ struct Watcher {
     bridge_index: Option<u32>,
     /// What the endpoint map holds.
     learned: BTreeMap<Ipv4Addr, EndpointEntry>,
-    /// Ports `from_pod` was attached to by this process.
+    /// Ports `from_pod` and `to_pod` were attached to by this process.
     attached: BTreeSet<u32>,
 }
 
@@ -211,27 +211,23 @@ impl Watcher {
             if self.attached.contains(&port.index) && !verify_filters {
                 continue;
             }
-            let attached = tc::ensure_attached(
-                &self.handle,
-                &self.ebpf,
-                PROG_FROM_POD,
-                port.index,
-                &port.name,
-            )
-            .await;
-            match attached {
-                Ok(Some(how)) => {
-                    info!(
-                        "attached {PROG_FROM_POD} to the TC ingress of {} ({how})",
-                        port.name
-                    )
+            let mut complete = true;
+            for program in [PROG_FROM_POD, PROG_TO_POD] {
+                let attached =
+                    tc::ensure_attached(&self.handle, &self.ebpf, program, port.index, &port.name)
+                        .await;
+                match attached {
+                    Ok(Some(how)) => info!("attached {program} to {} ({how})", port.name),
+                    Ok(None) => {}
+                    // The veth may be gone already; the next event or resync says.
+                    Err(e) => {
+                        warn!("attaching {program} to {} failed: {e:#}", port.name);
+                        complete = false;
+                    }
                 }
-                Ok(None) => {}
-                // The veth may be gone already; the next event or resync says.
-                Err(e) => {
-                    warn!("attaching {PROG_FROM_POD} to {} failed: {e:#}", port.name);
-                    continue;
-                }
+            }
+            if !complete {
+                continue;
             }
             self.attached.insert(port.index);
         }

@@ -14,6 +14,7 @@ pub mod bpffs;
 pub mod dataplane;
 pub mod endpoints;
 pub mod object;
+pub mod policy;
 pub mod tc;
 
 use std::path::{Path, PathBuf};
@@ -53,6 +54,9 @@ pub struct BpfOptions {
     pub dir: PathBuf,
     /// `--pod-bridge`: the bridge whose ports are pod veths.
     pub pod_bridge: String,
+    /// `--dataplane=bpf`: keep the fast path on even where netfilter rules filter
+    /// forwarded traffic (`auto` switches it off there).
+    pub force_fast_path: bool,
 }
 
 /// Builds the dataplane `choice` asks for on top of the kernel backend of `conf`. Returns it

@@ -8,7 +8,7 @@ use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, warn};
 
-use weft_common::{ALL_MAPS, PROG_FROM_NETDEV, PROG_FROM_POD};
+use weft_common::{ALL_MAPS, ALL_PROGRAMS};
 
 use super::bpffs;
 
@@ -21,7 +21,7 @@ pub static EMBEDDED_OBJECT: &[u8] =
 pub const NOT_BUILT_IN: &str = "this weft binary was built without the eBPF object: \
      run `cargo xtask build-ebpf` before building";
 
-/// Loads `object` with its maps pinned under `dir` and both programs verified by the
+/// Loads `object` with its maps pinned under `dir` and every program verified by the
 /// kernel. Maps already pinned there are adopted (their contents survive a restart) unless
 /// their layout differs from the object's: those are unpinned and created afresh.
 pub fn load(object: &[u8], dir: &Path) -> Result<Ebpf> {
@@ -51,7 +51,7 @@ pub fn load(object: &[u8], dir: &Path) -> Result<Ebpf> {
             bail!("the eBPF object has no map {name:?}: it does not match this weft (rebuild it with `cargo xtask build-ebpf`)");
         }
     }
-    for name in [PROG_FROM_POD, PROG_FROM_NETDEV] {
+    for (name, _) in ALL_PROGRAMS {
         classifier(&mut ebpf, name)?
             .load()
             .map_err(|e| refused(name, e))?;

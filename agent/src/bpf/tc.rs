@@ -1,5 +1,6 @@
-//! weft's TC filters: a `cls_bpf` filter in direct-action mode on the ingress of a clsact
-//! qdisc, at a fixed priority and handle, attached through netlink.
+//! weft's TC filters: a `cls_bpf` filter in direct-action mode on the ingress or egress of a
+//! clsact qdisc, at a fixed priority and handle, attached through netlink. Each program has
+//! its one hook (`weft_common::ALL_PROGRAMS`).
 //!
 //! Netlink filters (unlike tcx links) stay attached when the agent exits, so traffic keeps
 //! flowing while it restarts; the fixed priority and handle let the next run replace them
@@ -19,7 +20,7 @@ use netlink_packet_route::tc::{
 };
 use rtnetlink::Handle;
 
-use weft_common::{PROG_FROM_NETDEV, PROG_FROM_POD};
+use weft_common::ALL_PROGRAMS;
 
 use super::object;
 use crate::backend::netlink::{self as nl, Link};
@@ -29,8 +30,28 @@ use crate::backend::netlink::{self as nl, Link};
 pub const PRIORITY: u16 = 0x7765;
 /// The handle of weft's filter at [`PRIORITY`].
 pub const HANDLE: u32 = 1;
-/// The names (`TCA_BPF_NAME`) weft's filters carry: its program names.
-const NAMES: [&str; 2] = [PROG_FROM_POD, PROG_FROM_NETDEV];
+/// Whether a program runs on the TC egress (else ingress) hook.
+fn is_egress(name: &str) -> bool {
+    ALL_PROGRAMS
+        .iter()
+        .any(|(program, hook)| *program == name && hook.egress())
+}
+
+fn attach_type(egress: bool) -> TcAttachType {
+    if egress {
+        TcAttachType::Egress
+    } else {
+        TcAttachType::Ingress
+    }
+}
+
+fn hook_name(egress: bool) -> &'static str {
+    if egress {
+        "egress"
+    } else {
+        "ingress"
+    }
+}
 
 /// A weft filter found on an interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,7 +88,10 @@ fn filter_of(msg: &TcMessage) -> Option<Filter> {
             _ => {}
         }
     }
-    NAMES.contains(&filter.name.as_str()).then_some(filter)
+    ALL_PROGRAMS
+        .iter()
+        .any(|(name, _)| *name == filter.name)
+        .then_some(filter)
 }
 
 async fn filters(handle: &Handle, ifindex: u32, ingress: bool) -> Result<Vec<TcMessage>> {
@@ -92,9 +116,9 @@ async fn filters(handle: &Handle, ifindex: u32, ingress: bool) -> Result<Vec<TcM
     }
 }
 
-/// weft's filter on the TC ingress of interface `ifindex`, if there is one.
-pub async fn weft_filter(handle: &Handle, ifindex: u32) -> Result<Option<Filter>> {
-    Ok(filters(handle, ifindex, true)
+/// weft's filter on the TC ingress (or egress) of interface `ifindex`, if there is one.
+pub async fn weft_filter(handle: &Handle, ifindex: u32, egress: bool) -> Result<Option<Filter>> {
+    Ok(filters(handle, ifindex, !egress)
         .await?
         .iter()
         .find_map(filter_of))
@@ -109,12 +133,13 @@ pub enum Attached {
     Created,
 }
 
-/// Attaches `program` to the TC ingress of interface `ifname`: replaces weft's filter in
-/// place if there is one, else creates it. The filter stays when the agent exits.
-pub fn attach(program: &mut SchedClassifier, ifname: &str) -> Result<Attached> {
+/// Attaches `program` to the TC ingress (or egress) of interface `ifname`: replaces weft's
+/// filter there in place if there is one, else creates it. The filter stays when the agent
+/// exits.
+pub fn attach(program: &mut SchedClassifier, ifname: &str, egress: bool) -> Result<Attached> {
     let replaced = SchedClassifierLink::attached(
         ifname,
-        TcAttachType::Ingress,
+        attach_type(egress),
         PRIORITY,
         TcHandle::from(HANDLE),
         None,
@@ -139,7 +164,7 @@ pub fn attach(program: &mut SchedClassifier, ifname: &str) -> Result<Attached> {
             let id = program
                 .attach_with_options(
                     ifname,
-                    TcAttachType::Ingress,
+                    attach_type(egress),
                     TcAttachOptions::Netlink(options),
                 )
                 .map_err(|e| {
@@ -153,9 +178,10 @@ pub fn attach(program: &mut SchedClassifier, ifname: &str) -> Result<Attached> {
                         Ok(()) => String::new(),
                     };
                     anyhow!(
-                        "attaching {} to the TC ingress of {ifname} failed: {e}{clsact} \
+                        "attaching {} to the TC {} of {ifname} failed: {e}{clsact} \
                          (replacing weft's filter failed too: {replace_error:#})",
-                        program_name(program)
+                        program_name(program),
+                        hook_name(egress)
                     )
                 })?;
             (id, Attached::Created)
@@ -178,7 +204,7 @@ impl std::fmt::Display for Attached {
     }
 }
 
-/// Attaches program `name` of `ebpf` to the TC ingress of interface `ifindex` (`ifname`)
+/// Attaches program `name` of `ebpf` to its TC hook on interface `ifindex` (`ifname`)
 /// unless weft's filter there already runs this very program. Returns what was done.
 pub async fn ensure_attached(
     handle: &Handle,
@@ -191,13 +217,14 @@ pub async fn ensure_attached(
         let mut ebpf = ebpf.lock().expect("the eBPF object lock is never poisoned");
         object::classifier(&mut ebpf, name)?.info()?.id()
     };
-    if let Some(filter) = weft_filter(handle, ifindex).await? {
+    let egress = is_egress(name);
+    if let Some(filter) = weft_filter(handle, ifindex, egress).await? {
         if filter.name == name && filter.prog_id == Some(prog_id) {
             return Ok(None);
         }
     }
     let mut ebpf = ebpf.lock().expect("the eBPF object lock is never poisoned");
-    attach(object::classifier(&mut ebpf, name)?, ifname).map(Some)
+    attach(object::classifier(&mut ebpf, name)?, ifname, egress).map(Some)
 }
 
 fn program_name(program: &SchedClassifier) -> String {
@@ -208,33 +235,40 @@ fn program_name(program: &SchedClassifier) -> String {
         .unwrap_or_else(|| "the program".to_string())
 }
 
-/// Removes weft's filter from the ingress of `link` (and the clsact qdisc if no filter is
-/// left on it). Returns the name of the program that was attached, if one was.
-pub async fn detach(handle: &Handle, link: &Link) -> Result<Option<String>> {
-    let Some(filter) = weft_filter(handle, link.index).await? else {
-        return Ok(None);
-    };
-    SchedClassifierLink::attached(
-        &link.name,
-        TcAttachType::Ingress,
-        PRIORITY,
-        TcHandle::from(HANDLE),
-        None,
-    )
-    .with_context(|| format!("looking up {}", link.name))?
-    .detach()
-    .with_context(|| {
-        format!(
-            "removing weft's TC filter {} from {}",
-            filter.name, link.name
+/// Removes weft's filters from the ingress and egress of `link` (and the clsact qdisc if no
+/// filter is left on it). Returns the names of the programs that were attached.
+pub async fn detach(handle: &Handle, link: &Link) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for egress in [false, true] {
+        let Some(filter) = weft_filter(handle, link.index, egress).await? else {
+            continue;
+        };
+        SchedClassifierLink::attached(
+            &link.name,
+            attach_type(egress),
+            PRIORITY,
+            TcHandle::from(HANDLE),
+            None,
         )
-    })?;
-    if filters(handle, link.index, true).await?.is_empty()
+        .with_context(|| format!("looking up {}", link.name))?
+        .detach()
+        .with_context(|| {
+            format!(
+                "removing weft's TC filter {} from the {} of {}",
+                filter.name,
+                hook_name(egress),
+                link.name
+            )
+        })?;
+        removed.push(filter.name);
+    }
+    if !removed.is_empty()
+        && filters(handle, link.index, true).await?.is_empty()
         && filters(handle, link.index, false).await?.is_empty()
     {
         remove_clsact(handle, link.index).await?;
     }
-    Ok(Some(filter.name))
+    Ok(removed)
 }
 
 /// Deletes the clsact qdisc of interface `ifindex` (fine if there is none).
@@ -263,7 +297,7 @@ async fn remove_clsact(handle: &Handle, ifindex: u32) -> Result<()> {
 pub async fn detach_everywhere(handle: &Handle) -> Result<Vec<(String, String)>> {
     let mut removed = Vec::new();
     for link in nl::links(handle).await? {
-        if let Some(name) = detach(handle, &link).await? {
+        for name in detach(handle, &link).await? {
             removed.push((link.name.clone(), name));
         }
     }

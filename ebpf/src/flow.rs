@@ -1,0 +1,56 @@
+//! Which connections the node's stack carries.
+//!
+//! A redirect skips this node's conntrack, NAT and FORWARD chain. That is right only for a
+//! connection none of whose packets the stack handles here: once the stack has translated
+//! or tracked one packet of it (kube-proxy's Service DNAT, portmap's hostPort DNAT, a
+//! connection that began before its pod was learned), every packet of it must take the
+//! kernel path on this node, in both directions, for its whole life. The stack's packets
+//! are seen where it hands them on: `to_pod` (delivered into a local pod) and `to_netdev`
+//! (sent to another node, after NAT). Those record the connection in `stack_flows`;
+//! `from_pod` and `from_netdev` look every packet up there before they redirect it.
+
+use aya_ebpf::programs::TcContext;
+use weft_common::FlowKey;
+
+use crate::{maps, parse::read, parse::Ipv4Hdr};
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+
+/// The connection of the IPv4 packet whose header `ip` starts at `l3_off`; `None` for a
+/// packet that cannot be told apart by its own headers: a fragment (conntrack reassembles
+/// those first), an ICMP error (it belongs to the connection it quotes), a truncated
+/// header. Those take the kernel path.
+#[inline(always)]
+pub fn key_of(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize) -> Option<FlowKey> {
+    if ip.is_fragment() {
+        return None;
+    }
+    let l4_off = l3_off + ip.header_len();
+    let (sport, dport) = match ip.protocol {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            let ports: [u8; 4] = read(ctx, l4_off)?;
+            ([ports[0], ports[1]], [ports[2], ports[3]])
+        }
+        IPPROTO_ICMP => {
+            // type, code, checksum, identifier: echoes are matched by their identifier.
+            let icmp: [u8; 6] = read(ctx, l4_off)?;
+            if icmp[0] != ICMP_ECHO_REQUEST && icmp[0] != ICMP_ECHO_REPLY {
+                return None;
+            }
+            ([icmp[4], icmp[5]], [icmp[4], icmp[5]])
+        }
+        _ => ([0; 2], [0; 2]),
+    };
+    Some(FlowKey::new(ip.protocol, ip.saddr, sport, ip.daddr, dport))
+}
+
+/// Whether the stack carries the connection of `key` on this node.
+#[inline(always)]
+pub fn is_stack_flow(key: &FlowKey) -> bool {
+    maps::stack_flow(key)
+}

@@ -1,0 +1,281 @@
+//! Request/reply over TCP and UDP between lab namespaces, reporting the addresses each side
+//! saw: an [`EchoServer`] answers every request with the source address it came from, and
+//! [`call`] checks the answer came back on the socket that sent the request (a connected
+//! socket only accepts the address it connected to, so a reply whose source NAT was not
+//! undone never arrives). Both run as threads that entered the namespace (setns), with
+//! sockets bound there; every wait is bounded.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::icmp::in_netns;
+use crate::kube_proxy::Protocol;
+
+/// How long an echo server serves at most, whatever the test does.
+const SERVER_LIFETIME: Duration = Duration::from_secs(300);
+const POLL: Duration = Duration::from_millis(10);
+
+/// A server in a namespace answering `seen <ip>:<port>` (the request's source).
+pub struct EchoServer {
+    pub addr: SocketAddrV4,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+enum Socket {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+impl EchoServer {
+    /// Binds `addr` (`0.0.0.0` for any address) inside namespace `ns` and serves.
+    pub fn start(ns: &str, addr: SocketAddrV4, protocol: Protocol) -> Result<EchoServer> {
+        let socket = in_netns(ns, move || {
+            Ok(match protocol {
+                Protocol::Tcp => {
+                    let listener = TcpListener::bind(addr)?;
+                    listener.set_nonblocking(true)?;
+                    Socket::Tcp(listener)
+                }
+                Protocol::Udp => {
+                    let socket = UdpSocket::bind(addr)?;
+                    socket.set_read_timeout(Some(POLL * 5))?;
+                    Socket::Udp(socket)
+                }
+            })
+        })
+        .with_context(|| format!("binding {} {addr} in {ns}", protocol.name()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || serve(socket, &flag));
+        Ok(EchoServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn serve(socket: Socket, stop: &AtomicBool) {
+    let started = Instant::now();
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < SERVER_LIFETIME {
+        match &socket {
+            Socket::Tcp(listener) => match listener.accept() {
+                Ok((mut stream, peer)) => {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    // Echo line by line until the client closes, each answer naming the peer.
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 2048];
+                        while let Ok(n) = stream.read(&mut buf) {
+                            if n == 0
+                                || stream
+                                    .write_all(format!("seen {peer}\n").as_bytes())
+                                    .is_err()
+                            {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(POLL),
+                Err(_) => std::thread::sleep(POLL),
+            },
+            Socket::Udp(socket) => {
+                if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(format!("seen {peer}\n").as_bytes(), peer);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What a request saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The client socket's own address.
+    pub local: SocketAddrV4,
+    /// The request's source as the server saw it.
+    pub seen_by_server: SocketAddrV4,
+}
+
+/// Sends one request from namespace `ns` to `dst` and waits for the reply, within
+/// `timeout` (UDP: the request is repeated every 300 ms until then).
+pub fn call(ns: &str, dst: SocketAddrV4, protocol: Protocol, timeout: Duration) -> Result<Reply> {
+    call_from(ns, Ipv4Addr::UNSPECIFIED, dst, protocol, timeout)
+}
+
+/// Like [`call`], from source address `src` (an address of `ns`; unspecified: the route's).
+pub fn call_from(
+    ns: &str,
+    src: Ipv4Addr,
+    dst: SocketAddrV4,
+    protocol: Protocol,
+    timeout: Duration,
+) -> Result<Reply> {
+    let ns_name = ns.to_string();
+    in_netns(ns, move || match protocol {
+        Protocol::Tcp => {
+            let mut stream = connect(src, dst, timeout)
+                .with_context(|| format!("TCP connect from {ns_name} ({src}) to {dst}"))?;
+            stream.set_read_timeout(Some(timeout))?;
+            stream.write_all(b"hello\n")?;
+            let mut buf = [0u8; 256];
+            let n = stream
+                .read(&mut buf)
+                .with_context(|| format!("TCP reply from {dst} in {ns_name}"))?;
+            reply(&buf[..n], stream.local_addr()?)
+        }
+        Protocol::Udp => {
+            let socket = UdpSocket::bind(SocketAddrV4::new(src, 0))?;
+            // Connected: a datagram from any other source is not delivered to it.
+            socket.connect(dst)?;
+            socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+            let deadline = Instant::now() + timeout;
+            let mut buf = [0u8; 256];
+            loop {
+                socket.send(b"hello\n")?;
+                match socket.recv(&mut buf) {
+                    Ok(n) => return reply(&buf[..n], socket.local_addr()?),
+                    Err(e) if Instant::now() >= deadline => {
+                        return Err(e)
+                            .with_context(|| format!("no UDP reply from {dst} in {ns_name}"))
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    })
+}
+
+/// A TCP connection from `src` (any port), bounded by `timeout`.
+fn connect(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+    if src.is_unspecified() {
+        return Ok(TcpStream::connect_timeout(&dst.into(), timeout)?);
+    }
+    // std has no bind-before-connect: a socket from libc, handed to std once connected.
+    // SAFETY: plain socket calls on a descriptor this function owns until into TcpStream.
+    unsafe {
+        use std::os::fd::FromRawFd;
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let sockaddr = |addr: SocketAddrV4| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: addr.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*addr.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let local = sockaddr(SocketAddrV4::new(src, 0));
+        if libc::bind(fd, std::ptr::from_ref(&local).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error()).context(format!("binding {src}"));
+        }
+        // Bounded: SO_SNDTIMEO limits a blocking connect.
+        stream.set_write_timeout(Some(timeout))?;
+        let remote = sockaddr(dst);
+        if libc::connect(fd, std::ptr::from_ref(&remote).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        stream.set_write_timeout(None)?;
+        Ok(stream)
+    }
+}
+
+fn reply(data: &[u8], local: std::net::SocketAddr) -> Result<Reply> {
+    let text = String::from_utf8_lossy(data);
+    let Some(seen) = text.trim().strip_prefix("seen ") else {
+        bail!("unexpected reply {text:?}");
+    };
+    let std::net::SocketAddr::V4(local) = local else {
+        bail!("an IPv6 socket");
+    };
+    Ok(Reply {
+        local,
+        seen_by_server: seen.parse().with_context(|| format!("reply {text:?}"))?,
+    })
+}
+
+/// A TCP connection that keeps exchanging lines until stopped: every line must be answered
+/// (a reset or a lost answer fails it).
+pub struct TcpConversation {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<u64>>>,
+}
+
+impl TcpConversation {
+    /// Connects from `ns` to `dst` (an [`EchoServer`]) and exchanges a line every `every`,
+    /// for at most `max`.
+    pub fn start(ns: &str, dst: SocketAddrV4, every: Duration, max: Duration) -> Result<Self> {
+        let stream = in_netns(ns, move || {
+            let stream = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok(stream)
+        })
+        .with_context(|| format!("connecting from {ns} to {dst}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || -> Result<u64> {
+            let mut stream = stream;
+            let started = Instant::now();
+            let mut exchanged = 0u64;
+            let mut buf = [0u8; 256];
+            while !flag.load(Ordering::Relaxed) && started.elapsed() < max {
+                stream
+                    .write_all(b"ping\n")
+                    .with_context(|| format!("write after {exchanged} exchanges"))?;
+                let n = stream
+                    .read(&mut buf)
+                    .with_context(|| format!("read after {exchanged} exchanges"))?;
+                if n == 0 {
+                    bail!("the server closed the connection after {exchanged} exchanges");
+                }
+                exchanged += 1;
+                std::thread::sleep(every);
+            }
+            Ok(exchanged)
+        });
+        Ok(TcpConversation {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops and returns how many exchanges succeeded, or the first failure.
+    pub fn finish(mut self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread.take().expect("a running conversation");
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the conversation thread panicked"))?
+    }
+}
+
+impl Drop for TcpConversation {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
