@@ -877,6 +877,32 @@ fn auto_falls_back_to_the_kernel_path_and_says_why() -> Result<()> {
 }
 
 #[test]
+fn backend_mtu_sets_the_tunnel_mtu_of_the_programs_as_of_flannel_1() -> Result<()> {
+    let mut lab = Lab::new("mtu")?;
+    let nodes = lab.cluster(1)?;
+    let dir = lab.pin_dir();
+    let (ns, subnet) = (nodes[0].ns.clone(), nodes[0].subnet);
+    in_node(&ns.clone(), move || async move {
+        // Backend.MTU is the underlay's: flannel.1 gets 50 bytes less, and so must the
+        // largest inner packet the programs encapsulate.
+        let mut conf = vxlan_conf(false);
+        if let BackendConf::Vxlan(vx) = &mut conf.backend {
+            vx.mtu = 1400;
+        }
+        let (dataplane, _) = bpf_node(&dir, subnet, &conf, None).await?;
+        ensure!(
+            dataplane.pod_mtu() == 1350,
+            "pod MTU {}",
+            dataplane.pod_mtu()
+        );
+        ensure!(link_field(&ns, "flannel.1", "mtu")?.as_u64() == Some(1350));
+        let config = &dump(&dir, MAP_CONFIG)?[0]["value"];
+        ensure!(config["inner_mtu"].as_u64() == Some(1350), "{config}");
+        Ok(())
+    })
+}
+
+#[test]
 fn host_gw_leases_are_routed_directly_by_the_programs() -> Result<()> {
     let mut lab = Lab::new("hostgw")?;
     let nodes = lab.cluster(2)?;

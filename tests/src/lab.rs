@@ -35,7 +35,8 @@ pub const EXTERNAL_HOST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 /// The bridge that joins the nodes, in the fabric namespace.
 pub const FABRIC_BRIDGE: &str = "br0";
 /// Standard plugins the flannel CNI plugin delegates to.
-const STANDARD_CNI_PLUGINS: [&str; 4] = ["bridge", "host-local", "loopback", "portmap"];
+const STANDARD_CNI_PLUGINS: [&str; 5] =
+    ["bridge", "host-local", "loopback", "portmap", "bandwidth"];
 const STANDARD_CNI_DIR: &str = "/usr/lib/cni";
 /// flanneld's etcd lease TTL (24 h).
 const LEASE_TTL_SECONDS: &str = "86400";
@@ -781,33 +782,69 @@ impl Lab {
     /// conflist (cni-conf.json) as libcni does, `flannel` then `portmap`, the latter with
     /// the pod's `portMappings` as runtime config and the former's result as prevResult.
     pub fn add_pod_with_ports(&mut self, index: usize, ports: &[PortMapping]) -> Result<Pod> {
+        let mappings: Vec<Value> = ports
+            .iter()
+            .map(|p| json!({"hostPort": p.host_port, "containerPort": p.container_port, "protocol": p.protocol.name()}))
+            .collect();
+        self.add_pod_with(index, &[], &json!({ "portMappings": mappings }))
+    }
+
+    /// Creates a pod on node `index` whose traffic into it is shaped to `bits_per_second`
+    /// by the bandwidth plugin, chained after kube-flannel's conflist (as a cluster that
+    /// honours `kubernetes.io/ingress-bandwidth` does).
+    pub fn add_pod_with_ingress_bandwidth(
+        &mut self,
+        index: usize,
+        bits_per_second: u64,
+    ) -> Result<Pod> {
+        let bandwidth = json!({"type": "bandwidth", "capabilities": {"bandwidth": true}});
+        let runtime = json!({
+            "portMappings": [],
+            "bandwidth": {"ingressRate": bits_per_second, "ingressBurst": bits_per_second / 10}
+        });
+        self.add_pod_with(index, &[bandwidth], &runtime)
+    }
+
+    /// Runs kube-flannel's conflist, with `extra_plugins` appended, for a new pod on node
+    /// `index`, as libcni does: each plugin gets the list's name and cniVersion, the previous
+    /// plugin's result as prevResult, and from `runtime` the config of each capability it
+    /// declares.
+    fn add_pod_with(
+        &mut self,
+        index: usize,
+        extra_plugins: &[Value],
+        runtime: &Value,
+    ) -> Result<Pod> {
         self.binary("weft-cni")?;
         let node = self.node_mut(index);
         node.pod_count += 1;
         let name = format!("n{index}p{}", node.pod_count);
-        let conflist = kube_flannel_conflist(
+        let mut conflist = kube_flannel_conflist(
             &node.cni_network,
             &node.subnet_file,
             &node.dir.join("cni-data"),
         );
+        if let Some(plugins) = conflist["plugins"].as_array_mut() {
+            plugins.extend(extra_plugins.iter().cloned());
+        }
         let node_ns = node.ns.clone();
         let ns = self.create_ns(&name)?;
         let mut result: Option<Value> = None;
         for plugin in conflist["plugins"].as_array().context("plugins")? {
-            // libcni: the list's name and cniVersion, the previous plugin's result, and
-            // the runtime config of each capability the plugin declares.
             let mut conf = plugin.clone();
             conf["name"] = conflist["name"].clone();
             conf["cniVersion"] = conflist["cniVersion"].clone();
             if let Some(previous) = &result {
                 conf["prevResult"] = previous.clone();
             }
-            if plugin["capabilities"]["portMappings"] == json!(true) {
-                let mappings: Vec<Value> = ports
-                    .iter()
-                    .map(|p| json!({"hostPort": p.host_port, "containerPort": p.container_port, "protocol": p.protocol.name()}))
-                    .collect();
-                conf["runtimeConfig"] = json!({ "portMappings": mappings });
+            let mut runtime_config = serde_json::Map::new();
+            for (capability, on) in plugin["capabilities"].as_object().into_iter().flatten() {
+                if *on == json!(true) && !runtime[capability].is_null() {
+                    runtime_config.insert(capability.clone(), runtime[capability].clone());
+                }
+            }
+            if !runtime_config.is_empty() {
+                conf["runtimeConfig"] = Value::Object(runtime_config);
             }
             let kind = plugin["type"].as_str().context("plugin type")?;
             let out = Cmd::new([self.cni_bin_dir.join(kind).to_string_lossy().into_owned()])

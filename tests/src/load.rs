@@ -91,6 +91,18 @@ fn strip_ansi(text: &str) -> String {
 
 /// TCP ping-pong for `seconds` from pod `from` to a sockperf server started in pod `to`.
 pub fn sockperf(lab: &Lab, from: &Pod, to: &Pod, seconds: u32) -> Result<PingPong> {
+    sockperf_via(lab, from, to, to.ip, seconds)
+}
+
+/// Like [`sockperf`], with the client connecting to `via` (a Service's ClusterIP whose
+/// endpoint is `to`).
+pub fn sockperf_via(
+    lab: &Lab,
+    from: &Pod,
+    to: &Pod,
+    via: std::net::Ipv4Addr,
+    seconds: u32,
+) -> Result<PingPong> {
     let ip = to.ip.to_string();
     let port = SOCKPERF_PORT.to_string();
     let log = lab.dir().join(format!("sockperf-server-{}.log", to.name));
@@ -124,7 +136,7 @@ pub fn sockperf(lab: &Lab, from: &Pod, to: &Pod, seconds: u32) -> Result<PingPon
         "ping-pong",
         "--tcp",
         "-i",
-        &ip,
+        &via.to_string(),
         "-p",
         &port,
         "-t",

@@ -1,8 +1,9 @@
 //! Traffic between pods, always bounded in time: iperf3 runs, and a TCP stream the
 //! harness sends and verifies itself (every byte, in order) while something else happens.
 
+use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -41,6 +42,19 @@ impl Lab {
         seconds: u32,
         client_args: &[&str],
     ) -> Result<IperfReport> {
+        self.iperf3_via(from, to, to.ip, seconds, client_args)
+    }
+
+    /// Like [`Lab::iperf3`], with the client connecting to `via` (a Service's ClusterIP
+    /// whose endpoint is `to`) instead of `to`'s own address.
+    pub fn iperf3_via(
+        &self,
+        from: &Pod,
+        to: &Pod,
+        via: Ipv4Addr,
+        seconds: u32,
+        client_args: &[&str],
+    ) -> Result<IperfReport> {
         let port = IPERF_PORT.to_string();
         let log = self.dir().join(format!("iperf3-server-{}.log", to.name));
         let server_args: Vec<String> =
@@ -61,7 +75,7 @@ impl Lab {
         let mut line = vec![
             "iperf3".to_string(),
             "-c".into(),
-            to.ip.to_string(),
+            via.to_string(),
             "-p".into(),
             port,
             "-t".into(),
@@ -352,5 +366,66 @@ mod tests {
                 .to_string()
                 .contains("unable to connect")
         );
+    }
+}
+
+/// The kernel's TCP counters of namespace `ns` (`nstat -asz`: absolute values by name, history file untouched).
+pub fn tcp_counters(ns: &str) -> Result<BTreeMap<String, u64>> {
+    let out = Cmd::new(["nstat", "-asz", "--json"]).netns(ns).run()?;
+    let json: serde_json::Value = serde_json::from_str(&out).context("nstat --json")?;
+    let mut counters = BTreeMap::new();
+    for (_, group) in json.as_object().into_iter().flatten() {
+        for (name, value) in group.as_object().into_iter().flatten() {
+            if let Some(n) = value.as_u64() {
+                counters.insert(name.clone(), n);
+            }
+        }
+    }
+    Ok(counters)
+}
+
+/// What a TCP sender's retransmissions were, from its counters' growth (`nstat`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retransmits {
+    /// Segments sent again (TcpRetransSegs).
+    pub segments: u64,
+    /// Retransmissions the receiver reported as needless, with a D-SACK (TCPDSACKRecv):
+    /// the original had arrived, late or reordered.
+    pub spurious: u64,
+    /// Times the sender detected reordering (TCPSACKReorder, TCPTSReorder, TCPRenoReorder).
+    pub reordering: u64,
+    /// Retransmission timeouts (TCPTimeouts): real loss, or a path that stalled.
+    pub timeouts: u64,
+    /// Retransmissions that were themselves lost (TCPLostRetransmit).
+    pub lost_retransmits: u64,
+}
+
+impl Retransmits {
+    /// The growth from `before` to `after`.
+    pub fn between(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> Self {
+        let grew = |name: &str| {
+            after
+                .get(name)
+                .copied()
+                .unwrap_or(0)
+                .saturating_sub(before.get(name).copied().unwrap_or(0))
+        };
+        Retransmits {
+            segments: grew("TcpRetransSegs"),
+            spurious: grew("TcpExtTCPDSACKRecv"),
+            reordering: grew("TcpExtTCPSACKReorder")
+                + grew("TcpExtTCPTSReorder")
+                + grew("TcpExtTCPRenoReorder"),
+            timeouts: grew("TcpExtTCPTimeouts"),
+            lost_retransmits: grew("TcpExtTCPLostRetransmit"),
+        }
+    }
+
+    pub fn add(&mut self, other: Retransmits) {
+        self.segments += other.segments;
+        self.spurious += other.spurious;
+        self.reordering += other.reordering;
+        self.timeouts += other.timeouts;
+        self.lost_retransmits += other.lost_retransmits;
     }
 }

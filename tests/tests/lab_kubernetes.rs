@@ -29,6 +29,14 @@ fn config(backend: Backend, dataplane: Dataplane, direct_routing: bool) -> LabCo
     config
         .node_agent_args
         .insert(1, vec!["--ip-masq".to_string()]);
+    // Node 1 as users run it: `auto` must keep the fast path on next to kube-proxy and
+    // portmap (it switches it off only for rules that filter). Checked every second.
+    if dataplane == Dataplane::Bpf {
+        config.node_dataplanes.insert(1, Dataplane::Auto);
+        config
+            .extra_agent_args
+            .push("--resync-interval=1".to_string());
+    }
     config
 }
 
@@ -83,6 +91,20 @@ fn check_matrix(lab: &mut Lab, workload: &Workload, second: SecondNode, bpf_node
     // The fast path still carries pod-to-pod traffic on node 1, with kube-proxy, portmap
     // and weft's masquerade installed; Service replies took the stack (stack_flow).
     if let Some(&node) = bpf_nodes.first() {
+        // Two more resyncs of node 1's `auto` agent, each of which looked at the rules.
+        let resyncs = |lab: &Lab| {
+            lab.agent_log_tail(node, 100_000)
+                .matches("BPF counters:")
+                .count()
+        };
+        let seen = resyncs(lab);
+        weft_tests::wait_until(
+            "two resyncs of node 1 (its debug log)",
+            Duration::from_secs(10),
+            || Ok(resyncs(lab) >= seen + 2),
+        )
+        .expect("node 1 resyncs every second");
+        assert!(lab.ping(&workload.client, workload.web2.ip));
         let delta = lab.bpf_counters(node).unwrap().since(&before[0]);
         eprintln!("node {node} during the matrix: {delta}");
         let out = delta.get(Counter::Encap) + delta.get(Counter::DirectOut);
@@ -315,5 +337,61 @@ fn a_policy_engines_forward_rules_are_never_bypassed_in_silence() {
     assert!(
         delta.get(Counter::Encap) >= 1,
         "the fast path did not come back: {delta}"
+    );
+}
+
+#[test]
+fn a_pod_shaped_by_the_bandwidth_plugin_stays_shaped() {
+    const LIMIT_BITS: u64 = 20_000_000;
+    // (config() has node 1 check every second.)
+    let mut lab =
+        Lab::start(config(Backend::Vxlan, Dataplane::Bpf, false)).expect("the lab starts");
+    let shaped = lab
+        .add_pod_with_ingress_bandwidth(1, LIMIT_BITS)
+        .expect("a shaped pod");
+    let plain = lab.add_pod(1).expect("a pod without shaping");
+    let client = lab.add_pod(2).expect("a client pod");
+    let pods = [shaped.clone(), plain.clone(), client.clone()];
+    lab.assert_all_pairs_ping(&pods, "fresh lab", CONVERGENCE);
+    let veth = lab.host_veth(&shaped).expect("the shaped pod's veth");
+    weft_tests::wait_until("node 1 to leave the shaped pod to the kernel path", Duration::from_secs(10), || {
+        Ok(lab
+            .agent_log_tail(1, 400)
+            .contains(&format!("{veth} has traffic control of its own (qdisc tbf): its pod stays on the kernel path")))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.agent_log_tail(1, 40)));
+
+    // Into the shaped pod from another node: the tbf on its veth holds it near the limit
+    // (the fast path would deliver past it, at Gbit/s).
+    let flow =
+        weft_tests::TcpFlow::start(&client, &shaped, 7200, 200 << 20, Duration::from_secs(20))
+            .expect("a TCP stream into the shaped pod");
+    std::thread::sleep(Duration::from_secs(3));
+    let report = flow.finish().expect("the TCP stream");
+    let bits_per_second = report.received as f64 * 8.0 / report.elapsed.as_secs_f64();
+    eprintln!(
+        "into the shaped pod: {report:?}, {:.1} Mbit/s",
+        bits_per_second / 1e6
+    );
+    assert!(report.complete(), "{report:?}");
+    assert!(
+        bits_per_second < 2.0 * LIMIT_BITS as f64,
+        "the shaped pod received {:.1} Mbit/s, over twice its limit of {} Mbit/s",
+        bits_per_second / 1e6,
+        LIMIT_BITS / 1_000_000
+    );
+
+    // Its neighbour keeps the fast path.
+    let before = lab.bpf_counters(1).unwrap();
+    assert!(lab.ping(&client, plain.ip));
+    let delta = lab.bpf_counters(1).unwrap().since(&before);
+    assert!(
+        delta.get(Counter::Decap) >= 1,
+        "the unshaped pod lost the fast path: {delta}"
+    );
+    let endpoints = weft_tests::bpf::read_endpoints(lab.bpf_dir(1)).unwrap();
+    assert!(
+        !endpoints.contains_key(&shaped.ip) && endpoints.contains_key(&plain.ip),
+        "{endpoints:?}"
     );
 }

@@ -116,6 +116,11 @@ pub const REQUIREMENTS: &[Requirement] = &[
     program("bridge", "iproute2", LAB),
     program("tc", "iproute2", LAB),
     program("ss", "iproute2", LOAD),
+    program(
+        "nstat",
+        "iproute2",
+        "cargo xtask bench (what the retransmits are)",
+    ),
     program("sysctl", "procps", LAB),
     program("ping", "iputils-ping", LAB),
     program("tcpdump", "tcpdump", LAB),
@@ -128,6 +133,10 @@ pub const REQUIREMENTS: &[Requirement] = &[
     cni(
         "portmap",
         "the lab's hostPort pods (kube-flannel's conflist chains portmap)",
+    ),
+    cni(
+        "bandwidth",
+        "the lab's shaped pods (traffic control the fast path must not bypass)",
     ),
     program("nft", "nftables", AGENT),
     program("iptables", "iptables", AGENT),

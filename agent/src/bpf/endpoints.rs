@@ -82,6 +82,7 @@ impl PodWatcher {
             bridge_index: None,
             learned,
             attached: BTreeSet::new(),
+            kernel_path: BTreeMap::new(),
         };
         let task = tokio::spawn(watcher.run(events, requests));
         Ok(PodWatcher {
@@ -130,6 +131,8 @@ struct Watcher {
     learned: BTreeMap<Ipv4Addr, EndpointEntry>,
     /// Ports `from_pod` and `to_pod` were attached to by this process.
     attached: BTreeSet<u32>,
+    /// Ports left to the kernel path, and why (see `check_foreign_tc`).
+    kernel_path: BTreeMap<u32, String>,
 }
 
 impl Watcher {
@@ -207,7 +210,16 @@ impl Watcher {
             .collect();
 
         self.attached.retain(|index| ports.contains_key(index));
+        self.kernel_path
+            .retain(|index, _| ports.contains_key(index));
         for port in ports.values() {
+            // Checked on new ports and at every resync (a qdisc change sends no event).
+            if verify_filters || !self.attached.contains(&port.index) {
+                self.check_foreign_tc(port).await?;
+            }
+            if self.kernel_path.contains_key(&port.index) {
+                continue;
+            }
             if self.attached.contains(&port.index) && !verify_filters {
                 continue;
             }
@@ -232,11 +244,46 @@ impl Watcher {
             self.attached.insert(port.index);
         }
 
+        let fast_ports: BTreeMap<u32, Link> = ports
+            .into_iter()
+            .filter(|(index, _)| !self.kernel_path.contains_key(index))
+            .collect();
         let wanted = match self.bridge_index {
-            Some(bridge) => self.wanted_endpoints(bridge, &ports).await?,
+            Some(bridge) => self.wanted_endpoints(bridge, &fast_ports).await?,
             None => BTreeMap::new(),
         };
         self.write(wanted)
+    }
+
+    /// A pod veth that carries another component's traffic control (the bandwidth
+    /// plugin's shaping, say) keeps its pod on the kernel path: the fast path's redirects
+    /// would pass that configuration by. weft's filters come off it, its endpoint is not
+    /// learned (so nothing is delivered into the pod past the veth's qdisc). Logs changes.
+    async fn check_foreign_tc(&mut self, port: &Link) -> Result<()> {
+        match tc::foreign_tc(&self.handle, port.index).await? {
+            Some(what) => {
+                if self.kernel_path.get(&port.index) != Some(&what) {
+                    info!(
+                        "{} has traffic control of its own ({what}): its pod stays on the kernel path so that it applies",
+                        port.name
+                    );
+                    for program in tc::detach(&self.handle, port).await? {
+                        info!("removed {program} from {}", port.name);
+                    }
+                    self.attached.remove(&port.index);
+                    self.kernel_path.insert(port.index, what);
+                }
+            }
+            None => {
+                if self.kernel_path.remove(&port.index).is_some() {
+                    info!(
+                        "{} has no traffic control of its own any more: fast path",
+                        port.name
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn wanted_endpoints(

@@ -116,6 +116,53 @@ async fn filters(handle: &Handle, ifindex: u32, ingress: bool) -> Result<Vec<TcM
     }
 }
 
+/// Another component's traffic control on interface `ifindex`, described for the log: a
+/// qdisc other than `noqueue` and `clsact` (the bandwidth plugin's `tbf`, an `ingress`
+/// qdisc), or a filter on clsact that is not weft's. `None` when there is none.
+pub async fn foreign_tc(handle: &Handle, ifindex: u32) -> Result<Option<String>> {
+    let qdiscs: Vec<TcMessage> = match handle
+        .qdisc()
+        .get()
+        .index(ifindex as i32)
+        .execute()
+        .try_collect()
+        .await
+    {
+        Ok(list) => list,
+        Err(e) if matches!(nl::errno(&e), Some(libc::ENODEV | libc::ENOENT)) => Vec::new(),
+        Err(e) => {
+            return Err(e).with_context(|| format!("listing the qdiscs of interface #{ifindex}"))
+        }
+    };
+    for qdisc in qdiscs.iter().filter(|q| q.header.index == ifindex as i32) {
+        let kind = qdisc.attributes.iter().find_map(|a| match a {
+            TcAttribute::Kind(kind) => Some(kind.as_str()),
+            _ => None,
+        });
+        match kind {
+            Some("noqueue" | "clsact") | None => {}
+            Some(kind) => return Ok(Some(format!("qdisc {kind}"))),
+        }
+    }
+    for ingress in [true, false] {
+        let others = filters(handle, ifindex, ingress)
+            .await?
+            .iter()
+            .filter(|f| filter_of(f).is_none())
+            .filter_map(|f| {
+                f.attributes.iter().find_map(|a| match a {
+                    TcAttribute::Kind(kind) => Some(kind.clone()),
+                    _ => None,
+                })
+            })
+            .next();
+        if let Some(kind) = others {
+            return Ok(Some(format!("{kind} filter on {}", hook_name(!ingress))));
+        }
+    }
+    Ok(None)
+}
+
 /// weft's filter on the TC ingress (or egress) of interface `ifindex`, if there is one.
 pub async fn weft_filter(handle: &Handle, ifindex: u32, egress: bool) -> Result<Option<Filter>> {
     Ok(filters(handle, ifindex, !egress)

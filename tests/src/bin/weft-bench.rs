@@ -17,10 +17,17 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use std::net::Ipv4Addr;
 use weft_common::Counter;
 use weft_tests::cp_bench::{self, CpOptions, MAX_CP_NODES};
 use weft_tests::exec::run;
-use weft_tests::{icmp, Backend, BpfCounters, Dataplane, IperfReport, Lab, LabConfig, Pod};
+
+use weft_tests::kube_proxy::{Protocol, ProxyMode, Service, TrafficPolicy};
+use weft_tests::load::SOCKPERF_PORT;
+use weft_tests::traffic::{tcp_counters, Retransmits, IPERF_PORT};
+use weft_tests::{
+    icmp, Backend, BpfCounters, Dataplane, IperfReport, Lab, LabConfig, Pod, PortMapping,
+};
 
 use weft_tests::load::{self, PingPong};
 
@@ -36,7 +43,8 @@ usage: weft-bench [--quick] [--duration SECONDS] [--runs N] [--paths NAME,...] [
   --runs       runs per path and tool; medians are reported (default 3)
   --quick      --duration 3 --runs 1, for development
   --paths      only these paths: same-node, kernel-host-gw, kernel-vxlan, bpf-vxlan,
-               bpf-direct, control-plane (default all)
+               bpf-direct, kernel-vxlan-service, bpf-vxlan-service, control-plane
+               (default all)
   --control-plane  only the control-plane section (same as --paths control-plane)
   --cp-nodes   Nodes the control-plane section feeds the agent (default 5000)
   --out        where to write the markdown report (default target/bench/bench.md; the
@@ -53,15 +61,21 @@ enum PathKind {
     KernelVxlan,
     BpfVxlan,
     BpfDirect,
+    /// Pod → ClusterIP → pod on the other node (kube-proxy's DNAT), kernel VXLAN.
+    ServiceKernelVxlan,
+    /// The same on BPF VXLAN.
+    ServiceBpfVxlan,
 }
 
 impl PathKind {
-    const ALL: [PathKind; 5] = [
+    const ALL: [PathKind; 7] = [
         PathKind::SameNode,
         PathKind::KernelHostGw,
         PathKind::KernelVxlan,
         PathKind::BpfVxlan,
         PathKind::BpfDirect,
+        PathKind::ServiceKernelVxlan,
+        PathKind::ServiceBpfVxlan,
     ];
 
     fn name(self) -> &'static str {
@@ -71,6 +85,8 @@ impl PathKind {
             PathKind::KernelVxlan => "kernel-vxlan",
             PathKind::BpfVxlan => "bpf-vxlan",
             PathKind::BpfDirect => "bpf-direct",
+            PathKind::ServiceKernelVxlan => "kernel-vxlan-service",
+            PathKind::ServiceBpfVxlan => "bpf-vxlan-service",
         }
     }
 
@@ -81,15 +97,25 @@ impl PathKind {
             PathKind::KernelVxlan => "kernel VXLAN (flannel.1)",
             PathKind::BpfVxlan => "weft BPF VXLAN",
             PathKind::BpfDirect => "weft BPF direct route",
+            PathKind::ServiceKernelVxlan => "Service (ClusterIP), kernel VXLAN",
+            PathKind::ServiceBpfVxlan => "Service (ClusterIP), weft BPF VXLAN",
         }
+    }
+
+    /// Whether the client connects to the remote pod's Service instead of the pod.
+    fn through_service(self) -> bool {
+        matches!(
+            self,
+            PathKind::ServiceKernelVxlan | PathKind::ServiceBpfVxlan
+        )
     }
 
     /// The lab this path runs in: same-node shares the kernel host-gw lab.
     fn lab(self) -> LabKind {
         match self {
             PathKind::SameNode | PathKind::KernelHostGw => LabKind::KernelHostGw,
-            PathKind::KernelVxlan => LabKind::KernelVxlan,
-            PathKind::BpfVxlan => LabKind::BpfVxlan,
+            PathKind::KernelVxlan | PathKind::ServiceKernelVxlan => LabKind::KernelVxlan,
+            PathKind::BpfVxlan | PathKind::ServiceBpfVxlan => LabKind::BpfVxlan,
             PathKind::BpfDirect => LabKind::BpfDirect,
         }
     }
@@ -284,7 +310,25 @@ impl BenchLab {
         })?;
         let client = lab.add_pod(1)?;
         let remote = lab.add_pod(2)?;
-        let local = lab.add_pod(1)?;
+        // A hostPort pod, so that portmap's rules are on the node as on a real one.
+        let local = lab.add_pod_with_ports(
+            1,
+            &[PortMapping {
+                host_port: 8080,
+                container_port: 80,
+                protocol: Protocol::Tcp,
+            }],
+        )?;
+        // kube-proxy's rules on every node of every lab: the load's Services, whose
+        // endpoint is the remote pod, and a NodePort.
+        let services = [
+            Service::cluster_ip("iperf3", IPERF_SERVICE, IPERF_PORT, Protocol::Tcp)
+                .node_port(30201, TrafficPolicy::Cluster)
+                .endpoint(remote.ip, 2, IPERF_PORT),
+            Service::cluster_ip("sockperf", SOCKPERF_SERVICE, SOCKPERF_PORT, Protocol::Tcp)
+                .endpoint(remote.ip, 2, SOCKPERF_PORT),
+        ];
+        lab.install_kube_proxy(ProxyMode::Iptables, &services)?;
         let pods = [client.clone(), remote.clone(), local.clone()];
         let (matrix, _) = lab.wait_for_matrix(&pods, Duration::from_secs(15));
         if !matrix.all_ok() {
@@ -362,11 +406,17 @@ impl BenchLab {
     }
 }
 
+/// ClusterIPs of the load's Services (endpoint: the remote pod).
+const IPERF_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 201);
+const SOCKPERF_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 202);
+
 /// What one path measured.
 #[derive(Debug, Default)]
 struct PathResults {
     throughput: Vec<IperfReport>,
     ping_pong: Vec<PingPong>,
+    /// The iperf3 senders' retransmits, classified, over all runs.
+    retransmits: Retransmits,
 }
 
 fn bench(options: &Options) -> Result<()> {
@@ -415,12 +465,20 @@ fn bench(options: &Options) -> Result<()> {
         for &path in &order {
             let lab = &labs[&path.lab()];
             let (client, server) = lab.pods(path);
+            let (iperf_to, sockperf_to) = if path.through_service() {
+                (IPERF_SERVICE, SOCKPERF_SERVICE)
+            } else {
+                (server.ip, server.ip)
+            };
+            let tcp_before = tcp_counters(&client.ns)?;
             let throughput = lab
                 .lab
-                .iperf3(client, server, options.seconds, &[])
+                .iperf3_via(client, server, iperf_to, options.seconds, &[])
                 .with_context(|| format!("iperf3 on path {}", path.name()))?;
-            let ping_pong = load::sockperf(&lab.lab, client, server, options.seconds)
-                .with_context(|| format!("sockperf on path {}", path.name()))?;
+            let retransmits = Retransmits::between(&tcp_before, &tcp_counters(&client.ns)?);
+            let ping_pong =
+                load::sockperf_via(&lab.lab, client, server, sockperf_to, options.seconds)
+                    .with_context(|| format!("sockperf on path {}", path.name()))?;
             println!(
                 "  run {}/{} {:<15} {:6.2} Gbit/s ({:>4} retr)  {:8.0} RR/s  p50 {:6.1} us  p99 {:6.1} us",
                 round + 1,
@@ -435,6 +493,7 @@ fn bench(options: &Options) -> Result<()> {
             let entry = results.entry(path).or_default();
             entry.throughput.push(throughput);
             entry.ping_pong.push(ping_pong);
+            entry.retransmits.add(retransmits);
         }
     }
 
@@ -726,8 +785,9 @@ fn render(
     let _ = writeln!(
         out,
         "{}; {} ({} cores); kernel {}. 2-node namespace labs on a veth underlay, one \
-         client pod and one server pod; iperf3 TCP {} s and sockperf TCP ping-pong {} s, \
-         {} run(s) per path in alternating order; medians (min-max).\n",
+         client pod and one server pod, kube-proxy's iptables rules (two ClusterIP Services, \
+         a NodePort) and a portmap hostPort pod on every node; iperf3 TCP {} s and sockperf \
+         TCP ping-pong {} s, {} run(s) per path in alternating order; medians (min-max).\n",
         machine.date,
         machine.cpu,
         machine.cores,
@@ -771,6 +831,48 @@ fn render(
             p99.map_or("-".into(), |s| format!("{:.1}", s.0)),
             versus(PathKind::KernelVxlan),
             versus(PathKind::KernelHostGw),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nWhat the iperf3 senders' retransmits were (nstat in the client pod, all runs): \
+         spurious = the receiver reported the original arrived (D-SACK), reordering = \
+         reordering events the sender detected, timeouts and lost retransmits = real loss.\n"
+    );
+    let _ = writeln!(out, "| path | retransmitted segments | spurious (D-SACK) | reordering events | timeouts | lost retransmits |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for (&path, r) in results {
+        let t = r.retransmits;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            path.label(),
+            t.segments,
+            t.spurious,
+            t.reordering,
+            t.timeouts,
+            t.lost_retransmits
+        );
+    }
+    if let (Some(x), Some(y)) = (
+        ratio(
+            results,
+            PathKind::ServiceBpfVxlan,
+            PathKind::ServiceKernelVxlan,
+            Metric::Throughput,
+        ),
+        ratio(
+            results,
+            PathKind::ServiceBpfVxlan,
+            PathKind::ServiceKernelVxlan,
+            Metric::PingPong,
+        ),
+    ) {
+        let _ = writeln!(
+            out,
+            "\nService row, pod → ClusterIP → pod on the other node (kube-proxy iptables DNAT): \
+             BPF VXLAN {x:.2}x kernel VXLAN throughput, {y:.2}x ping-pong rate. The request \
+             leaves through the stack (DNAT) and its replies are left to the stack (stack_flows)."
         );
     }
     let _ = writeln!(out, "\n### Targets (ratios measured in this run)\n");
@@ -823,7 +925,7 @@ mod tests {
     #[test]
     fn parses_options() {
         let o = args("").unwrap();
-        assert_eq!((o.seconds, o.runs, o.paths.len()), (10, 3, 5));
+        assert_eq!((o.seconds, o.runs, o.paths.len()), (10, 3, 7));
         assert!(o.out.ends_with("target/bench/bench.md"));
         let o = args("--quick --paths bpf-vxlan,kernel-vxlan --out=/tmp/b.md").unwrap();
         assert_eq!((o.seconds, o.runs), (3, 1));
@@ -874,6 +976,7 @@ mod tests {
                 p50_us: 30.0,
                 p99_us: 50.0,
             }],
+            retransmits: Retransmits::default(),
         }
     }
 
