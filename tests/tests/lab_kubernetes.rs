@@ -104,6 +104,8 @@ fn check_matrix(lab: &mut Lab, workload: &Workload, second: SecondNode, bpf_node
             || Ok(resyncs(lab) >= seen + 2),
         )
         .expect("node 1 resyncs every second");
+        let missing = lab.bpf_missing(node).unwrap();
+        assert!(missing.is_empty(), "node 1's fast path lost: {missing:?}");
         assert!(lab.ping(&workload.client, workload.web2.ip));
         let delta = lab.bpf_counters(node).unwrap().since(&before[0]);
         eprintln!("node {node} during the matrix: {delta}");

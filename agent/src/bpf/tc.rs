@@ -148,7 +148,8 @@ pub async fn foreign_tc(handle: &Handle, ifindex: u32) -> Result<Option<String>>
         let others = filters(handle, ifindex, ingress)
             .await?
             .iter()
-            .filter(|f| filter_of(f).is_none())
+            // At weft's priority: its filter, or the entry the kernel lists before it.
+            .filter(|f| (f.header.info >> 16) as u16 != PRIORITY)
             .filter_map(|f| {
                 f.attributes.iter().find_map(|a| match a {
                     TcAttribute::Kind(kind) => Some(kind.clone()),

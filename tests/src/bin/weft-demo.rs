@@ -91,7 +91,7 @@ fn demo() -> Result<bool> {
                 .and_then(|l| l.split_once(what).map(|(_, rest)| rest.trim().to_string()))
                 .unwrap_or_else(|| "?".into())
         };
-        println!("  n{node}: {}", said("dataplane: "));
+        println!("  n{node}: {}", said("agent: dataplane: "));
         println!("       fast path {}", said("fast path "));
     }
 
