@@ -107,6 +107,14 @@ fn agents_answer_probes_and_export_metrics_in_the_lab() {
         metrics.contains("weft_dataplane_info{mode=\"bpf\""),
         "{metrics}"
     );
+    // Set at the first resync, which follows the first complete lease list.
+    wait_until("the fast path's state on /metrics", Duration::from_secs(15), || {
+        let (_, m) = get(&lab, node1, "/metrics");
+        Ok(m.contains(
+            "weft_fast_path_info{state=\"on\",reason=\"no netfilter rule filters forwarded pod traffic\"} 1",
+        ))
+    })
+    .expect("weft_fast_path_info says the fast path is on, and why");
 
     // A lease change applied while running is timed.
     let third = lab.add_node().expect("third node");

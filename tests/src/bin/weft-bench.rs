@@ -432,6 +432,7 @@ fn bench(options: &Options) -> Result<()> {
         machine.kernel
     );
     let mut lab_kinds: Vec<LabKind> = options.paths.iter().map(|p| p.lab()).collect();
+    lab_kinds.sort();
     lab_kinds.dedup();
     let mut labs: BTreeMap<LabKind, BenchLab> = BTreeMap::new();
     for kind in lab_kinds {
