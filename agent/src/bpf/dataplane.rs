@@ -406,9 +406,11 @@ impl Backend for BpfDataplane {
 
     async fn resync(&mut self, leases: &[Lease]) -> Result<()> {
         let kernel = self.kernel.resync(leases).await;
-        self.check_forward_filters()?;
         let wanted = self.wanted_entries(leases);
         self.sync_maps(wanted)?;
+        // After the maps: the check runs three short processes, and `register` made the
+        // first decision before any program ran.
+        self.check_forward_filters()?;
         // After the maps hold the lease table: from_netdev admits VXLAN from peers only.
         self.ensure_uplink_program().await?;
         if let Some(watcher) = &self.watcher {
