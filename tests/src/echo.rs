@@ -5,7 +5,7 @@
 //! undone never arrives). Both run as threads that entered the namespace (setns), with
 //! sockets bound there; every wait is bounded.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,7 +19,8 @@ use crate::kube_proxy::Protocol;
 
 /// How long an echo server serves at most, whatever the test does.
 const SERVER_LIFETIME: Duration = Duration::from_secs(300);
-const POLL: Duration = Duration::from_millis(10);
+/// How often a server looks at its stop flag (the bound of each blocking accept or receive).
+const STOP_CHECK: Duration = Duration::from_millis(50);
 
 /// A server in a namespace answering `seen <ip>:<port>` (the request's source).
 pub struct EchoServer {
@@ -40,12 +41,12 @@ impl EchoServer {
             Ok(match protocol {
                 Protocol::Tcp => {
                     let listener = TcpListener::bind(addr)?;
-                    listener.set_nonblocking(true)?;
+                    set_accept_timeout(&listener, STOP_CHECK)?;
                     Socket::Tcp(listener)
                 }
                 Protocol::Udp => {
                     let socket = UdpSocket::bind(addr)?;
-                    socket.set_read_timeout(Some(POLL * 5))?;
+                    socket.set_read_timeout(Some(STOP_CHECK))?;
                     Socket::Udp(socket)
                 }
             })
@@ -62,14 +63,37 @@ impl EchoServer {
     }
 }
 
+/// SO_RCVTIMEO on a listening socket bounds a blocking accept(2) (std has no setter).
+fn set_accept_timeout(listener: &TcpListener, timeout: Duration) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt on a socket this process owns, with a valid timeval.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::from_ref(&tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("setting the accept timeout");
+    }
+    Ok(())
+}
+
 fn serve(socket: Socket, stop: &AtomicBool) {
     let started = Instant::now();
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) && started.elapsed() < SERVER_LIFETIME {
         match &socket {
-            Socket::Tcp(listener) => match listener.accept() {
-                Ok((mut stream, peer)) => {
-                    let _ = stream.set_nonblocking(false);
+            // An accept that times out (SO_RCVTIMEO) is the moment to look at the stop flag.
+            Socket::Tcp(listener) => {
+                if let Ok((mut stream, peer)) = listener.accept() {
                     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                     // Echo line by line until the client closes, each answer naming the peer.
                     std::thread::spawn(move || {
@@ -85,9 +109,7 @@ fn serve(socket: Socket, stop: &AtomicBool) {
                         }
                     });
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(POLL),
-                Err(_) => std::thread::sleep(POLL),
-            },
+            }
             Socket::Udp(socket) => {
                 if let Ok((_, peer)) = socket.recv_from(&mut buf) {
                     let _ = socket.send_to(format!("seen {peer}\n").as_bytes(), peer);
@@ -216,66 +238,38 @@ fn reply(data: &[u8], local: std::net::SocketAddr) -> Result<Reply> {
     })
 }
 
-/// A TCP connection that keeps exchanging lines until stopped: every line must be answered
-/// (a reset or a lost answer fails it).
-pub struct TcpConversation {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<u64>>>,
-}
-
-impl TcpConversation {
-    /// Connects from `ns` to `dst` (an [`EchoServer`]) and exchanges a line every `every`,
-    /// for at most `max`.
-    pub fn start(ns: &str, dst: SocketAddrV4, every: Duration, max: Duration) -> Result<Self> {
-        let stream = in_netns(ns, move || {
-            let stream = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5))?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            Ok(stream)
-        })
-        .with_context(|| format!("connecting from {ns} to {dst}"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || -> Result<u64> {
-            let mut stream = stream;
-            let started = Instant::now();
-            let mut exchanged = 0u64;
-            let mut buf = [0u8; 256];
-            while !flag.load(Ordering::Relaxed) && started.elapsed() < max {
-                stream
-                    .write_all(b"ping\n")
-                    .with_context(|| format!("write after {exchanged} exchanges"))?;
-                let n = stream
-                    .read(&mut buf)
-                    .with_context(|| format!("read after {exchanged} exchanges"))?;
-                if n == 0 {
-                    bail!("the server closed the connection after {exchanged} exchanges");
-                }
-                exchanged += 1;
-                std::thread::sleep(every);
+/// Connects from `ns` to `dst` (an [`EchoServer`]) and exchanges `lines` lines on that one
+/// connection, one every `every`; every line must be answered (a reset or a lost answer
+/// fails it). Returns how many were exchanged; bounded by `max`.
+pub fn converse(
+    ns: &str,
+    dst: SocketAddrV4,
+    lines: u64,
+    every: Duration,
+    max: Duration,
+) -> Result<u64> {
+    in_netns(ns, move || {
+        let mut stream = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5))
+            .with_context(|| format!("connecting to {dst}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let started = Instant::now();
+        let mut buf = [0u8; 256];
+        for exchanged in 0..lines {
+            if started.elapsed() >= max {
+                bail!("only {exchanged} of {lines} exchanges in {max:?}");
             }
-            Ok(exchanged)
-        });
-        Ok(TcpConversation {
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// Stops and returns how many exchanges succeeded, or the first failure.
-    pub fn finish(mut self) -> Result<u64> {
-        self.stop.store(true, Ordering::Relaxed);
-        let thread = self.thread.take().expect("a running conversation");
-        thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("the conversation thread panicked"))?
-    }
-}
-
-impl Drop for TcpConversation {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            stream
+                .write_all(b"ping\n")
+                .with_context(|| format!("write after {exchanged} exchanges"))?;
+            let n = stream
+                .read(&mut buf)
+                .with_context(|| format!("read after {exchanged} exchanges"))?;
+            if n == 0 {
+                bail!("the server closed the connection after {exchanged} exchanges");
+            }
+            // Paces the conversation, so that it spans the moment the endpoint is learned.
+            std::thread::sleep(every);
         }
-    }
+        Ok(lines)
+    })
 }

@@ -1,5 +1,5 @@
 //! A node that runs no weft: configured with plain `ip`/`bridge` commands exactly as
-//! flanneld's vxlan backend leaves the kernel (flannel-compat.md, "vxlan backend"), with
+//! flanneld's vxlan backend leaves the kernel (`flannel.<VNI>` without learning, and a neighbour, an FDB entry and an onlink route per peer), with
 //! its lease written by hand in flannel's JSON (in etcd, or in kube mode as flanneld's
 //! Node annotations). It stands for a node still on flanneld.
 

@@ -236,8 +236,14 @@ impl TcpFlow {
 
     /// Stops sending, waits until the receiver has read everything (or failed), and
     /// reports. An error means the connection broke or stalled for 10 s.
-    pub fn finish(mut self) -> Result<TcpFlowReport> {
+    pub fn finish(self) -> Result<TcpFlowReport> {
         self.stop.store(true, Ordering::Relaxed);
+        self.run_out()
+    }
+
+    /// Waits until the sender has sent for its `max` and the receiver has read everything
+    /// (or either failed), and reports: a stream of a planned length.
+    pub fn run_out(mut self) -> Result<TcpFlowReport> {
         let sender = self.sender.take().expect("finished once");
         let receiver = self.receiver.take().expect("finished once");
         let sent = join_netns_thread(&self.from_ns, sender).context("the TCP sender")?;

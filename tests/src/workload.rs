@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::echo::{self, EchoServer, Reply, TcpConversation};
+use crate::echo::{self, EchoServer, Reply};
 use crate::kube_proxy::{Protocol, ProxyMode, Service, TrafficPolicy};
 use crate::lab::{Lab, Pod, PortMapping, EXTERNAL_HOST};
 use crate::plain_flannel::PlainFlannelNode;
@@ -44,7 +44,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a request is sent from.
 #[derive(Debug, Clone)]
-pub enum From {
+pub enum Client {
     Pod(Pod),
     /// A node's own namespace (the kubelet).
     Node(usize),
@@ -64,7 +64,7 @@ pub enum Seen {
 #[derive(Debug, Clone)]
 pub struct Cell {
     pub name: &'static str,
-    pub from: From,
+    pub from: Client,
     pub to: SocketAddrV4,
     pub protocol: Protocol,
     pub seen: Seen,
@@ -185,7 +185,7 @@ impl Workload {
     pub fn cells(&self, lab: &Lab) -> Vec<Cell> {
         let node1 = lab.node_ip(1);
         let node2 = lab.node_ip(2);
-        let pod = |p: &Pod| From::Pod(p.clone());
+        let pod = |p: &Pod| Client::Pod(p.clone());
         let at = |ip: Ipv4Addr, port: u16| SocketAddrV4::new(ip, port);
         let tcp = Protocol::Tcp;
         let client = self.client.ip;
@@ -234,14 +234,14 @@ impl Workload {
             },
             Cell {
                 name: "external host → NodePort on node 1 (Cluster) → backend on node 2",
-                from: From::External,
+                from: Client::External,
                 to: at(node1, NODE_PORT_CLUSTER),
                 protocol: tcp,
                 seen: Seen::NodeAddress(1),
             },
             Cell {
                 name: "external host → NodePort on node 1 (Local) → backend on node 1",
-                from: From::External,
+                from: Client::External,
                 to: at(node1, NODE_PORT_LOCAL),
                 protocol: tcp,
                 seen: Seen::Exactly(EXTERNAL_HOST),
@@ -255,7 +255,7 @@ impl Workload {
             },
             Cell {
                 name: "external host → hostPort on node 1",
-                from: From::External,
+                from: Client::External,
                 to: at(node1, HOST_PORT),
                 protocol: tcp,
                 seen: Seen::Exactly(EXTERNAL_HOST),
@@ -269,14 +269,14 @@ impl Workload {
             },
             Cell {
                 name: "node → pod on the same node (kubelet probe)",
-                from: From::Node(1),
+                from: Client::Node(1),
                 to: at(self.web1.ip, HTTP_PORT),
                 protocol: tcp,
                 seen: Seen::NodeAddress(1),
             },
             Cell {
                 name: "node → pod on the other node",
-                from: From::Node(1),
+                from: Client::Node(1),
                 to: at(self.web2.ip, HTTP_PORT),
                 protocol: tcp,
                 seen: Seen::NodeAddress(1),
@@ -301,11 +301,11 @@ impl Workload {
     /// Sends `cell`'s request and checks the reply. Err says what went wrong.
     pub fn run(&self, lab: &Lab, cell: &Cell) -> Result<Reply> {
         let reply = match &cell.from {
-            From::Pod(pod) => echo::call(&pod.ns, cell.to, cell.protocol, CALL_TIMEOUT),
-            From::Node(node) => {
+            Client::Pod(pod) => echo::call(&pod.ns, cell.to, cell.protocol, CALL_TIMEOUT),
+            Client::Node(node) => {
                 echo::call(lab.node_ns(*node), cell.to, cell.protocol, CALL_TIMEOUT)
             }
-            From::External => echo::call_from(
+            Client::External => echo::call_from(
                 lab.fabric_ns(),
                 EXTERNAL_HOST,
                 cell.to,
@@ -342,7 +342,7 @@ impl Workload {
 
     /// A TCP conversation from `client` to a new pod on node 2 that has sent nothing yet,
     /// so no dataplane has learned its endpoint when the connection starts (it is learned
-    /// mid-stream, once the pod answers). Every line for `duration` must be answered.
+    /// mid-stream, once the pod answers). 100 lines, each answered, within `duration`.
     /// Returns the number of exchanges.
     pub fn stream_to_a_new_pod(
         &self,
@@ -359,14 +359,15 @@ impl Workload {
             SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, HTTP_PORT),
             Protocol::Tcp,
         )?;
-        let conversation = TcpConversation::start(
+        // 100 exchanges 20 ms apart: the pod answers the first, and is learned meanwhile.
+        echo::converse(
             &self.client.ns,
             SocketAddrV4::new(pod.ip, HTTP_PORT),
+            100,
             Duration::from_millis(20),
             duration,
-        )?;
-        std::thread::sleep(duration);
-        conversation.finish().with_context(|| {
+        )
+        .with_context(|| {
             format!(
                 "the TCP conversation from {} to the new pod {}",
                 self.client.name, pod.name

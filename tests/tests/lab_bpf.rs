@@ -406,11 +406,10 @@ fn vxlan_bpf_path_mtu_fits_or_is_answered_with_frag_needed() {
     ip(lab.node_ns(b.node), &format!("link set {b_veth} mtu 1500")).unwrap();
     ip(&a.ns, "route flush cache").unwrap();
     let before = counters(&lab, a.node);
-    let flow = TcpFlow::start(a, b, 7100, 10 << 20, Duration::from_secs(20))
-        .expect("a TCP stream from the 1500-MTU pod");
-    // The stream's duration (load, not a proof of anything by itself).
-    std::thread::sleep(Duration::from_secs(2));
-    let report = flow.finish().expect("the TCP stream");
+    let report = TcpFlow::start(a, b, 7100, 10 << 20, Duration::from_secs(2))
+        .expect("a TCP stream from the 1500-MTU pod")
+        .run_out()
+        .expect("the TCP stream");
     assert!(
         report.complete() && report.received >= 10 << 20,
         "the TCP stream from the 1500-MTU pod stalled: {report:?}"

@@ -78,7 +78,7 @@ fn teardown_removes_every_namespace_on_drop_and_on_panic() {
 }
 
 /// Validates the hand-configured flannel node (the interop test's reference) against
-/// itself: two such nodes connect their pods over VXLAN as flannel-compat.md describes.
+/// itself: two such nodes connect their pods over VXLAN as flanneld's vxlan backend programs them.
 #[test]
 fn plain_flannel_nodes_connect_their_pods_over_vxlan() {
     let mut lab = lab_without_agents(2);

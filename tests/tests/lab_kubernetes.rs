@@ -14,7 +14,7 @@ use weft_tests::{Backend, Dataplane, Lab, LabConfig, PlainFlannelNode};
 
 const CONVERGENCE: Duration = Duration::from_secs(15);
 const BPF_SYNC: Duration = Duration::from_secs(20);
-const STREAM: Duration = Duration::from_secs(3);
+const STREAM: Duration = Duration::from_secs(10);
 
 fn config(backend: Backend, dataplane: Dataplane, direct_routing: bool) -> LabConfig {
     let mut config = LabConfig {
@@ -365,11 +365,11 @@ fn a_pod_shaped_by_the_bandwidth_plugin_stays_shaped() {
 
     // Into the shaped pod from another node: the tbf on its veth holds it near the limit
     // (the fast path would deliver past it, at Gbit/s).
-    let flow =
-        weft_tests::TcpFlow::start(&client, &shaped, 7200, 200 << 20, Duration::from_secs(20))
-            .expect("a TCP stream into the shaped pod");
-    std::thread::sleep(Duration::from_secs(3));
-    let report = flow.finish().expect("the TCP stream");
+    let report =
+        weft_tests::TcpFlow::start(&client, &shaped, 7200, 200 << 20, Duration::from_secs(3))
+            .expect("a TCP stream into the shaped pod")
+            .run_out()
+            .expect("the TCP stream");
     let bits_per_second = report.received as f64 * 8.0 / report.elapsed.as_secs_f64();
     eprintln!(
         "into the shaped pod: {report:?}, {:.1} Mbit/s",
