@@ -10,14 +10,14 @@ use tokio::sync::mpsc;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::backend::netlink as nl;
-use crate::backend::Backend;
 use crate::bpf::{self, BpfOptions};
 use crate::config::{AgentArgs, NetConf};
+use crate::dataplane::Dataplane;
 use crate::health;
 use crate::iface::{self, IfaceSelection};
 use crate::lease::{subnet_key, Lease, LeaseEvent, LeaseWatchEvent};
 use crate::masq::{self, Firewall, MasqSpec};
-use crate::metrics::{AgentState, DataplaneInfo, ReadyPart};
+use crate::metrics::{AgentState, DataplaneInfo, PeerHealth, ReadyPart};
 use crate::subnet::etcd::{EtcdOptions, EtcdSubnetManager};
 use crate::subnet::kube::{KubeOptions, KubeSubnetManager};
 use crate::subnet::SubnetManager;
@@ -52,7 +52,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     };
     info!(iface = %ext.name, addr = %ext.addr, public_ip = %ext.public_ip, mtu = ext.mtu, "using interface");
 
-    let (mut dataplane, why) = bpf::select_dataplane(
+    let (backend, why) = bpf::select_dataplane(
         args.dataplane,
         bpf::EMBEDDED_OBJECT,
         &conf,
@@ -62,6 +62,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     )
     .await?;
     info!("dataplane: {why}");
+    let mut dataplane = Dataplane::for_netconf(backend, &conf, &ext, handle.clone());
     state.set_dataplane(DataplaneInfo::from_selection(&why, &args.bpf_dir));
     let previous = subnets.previous_lease(ext.public_ip).await?;
     let attrs = dataplane.register(previous.as_ref()).await?;
@@ -102,15 +103,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         let own = own.clone();
         tokio::spawn(async move { subnets.watch_leases(own, tx).await })
     };
-    let result = event_loop(
-        &args,
-        dataplane.as_mut(),
-        firewall.as_mut(),
-        &spec,
-        &state,
-        rx,
-    )
-    .await;
+    let result = event_loop(&args, &mut dataplane, firewall.as_mut(), &spec, &state, rx).await;
     if watch.is_finished() {
         // The watch ended on its own: its error says why better than the closed channel.
         if let Ok(Err(e)) = watch.await {
@@ -142,7 +135,7 @@ async fn subnet_manager(
 /// Applies lease events as they come and repairs drift on timers, until a signal.
 async fn event_loop(
     args: &AgentArgs,
-    dataplane: &mut dyn Backend,
+    dataplane: &mut Dataplane,
     firewall: &mut dyn Firewall,
     spec: &MasqSpec,
     state: &AgentState,
@@ -191,6 +184,8 @@ async fn event_loop(
                             span.in_scope(|| error!("applying lease event failed (the next resync retries): {e:#}"))
                         }
                     }
+                    let plan = dataplane.plan();
+                    state.update_peer_counts(plan.rejected_by_reason(), dataplane.overflow());
                 }
             },
             _ = resync.tick(), if listed => resync_dataplane(dataplane, &leases, state).await,
@@ -209,14 +204,20 @@ async fn event_loop(
 }
 
 async fn resync_dataplane(
-    dataplane: &mut dyn Backend,
+    dataplane: &mut Dataplane,
     leases: &BTreeMap<Ipv4Network, Lease>,
     state: &AgentState,
 ) {
     let all: Vec<Lease> = leases.values().cloned().collect();
-    if let Err(e) = dataplane.resync(&all).await {
+    let result = dataplane.resync(&all).await;
+    if let Err(e) = &result {
         error!("resync failed (retrying at the next interval): {e:#}");
     }
+    state.set_peer_health(PeerHealth {
+        rejected: dataplane.plan().rejected_by_reason(),
+        overflow: dataplane.overflow(),
+        resync_error: result.err().map(|e| format!("{e:#}")),
+    });
     state.set_fast_path(dataplane.fast_path());
 }
 

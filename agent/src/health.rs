@@ -225,12 +225,11 @@ async fn route(method: &str, path: &str, state: &Arc<AgentState>) -> Response {
     match path {
         "/healthz" => Response::text(200, "ok"),
         "/readyz" => {
-            let missing = state.missing();
+            let missing = state.not_ready();
             if missing.is_empty() {
                 Response::text(200, "ok")
             } else {
-                let what: Vec<_> = missing.iter().map(|part| part.missing()).collect();
-                Response::text(503, format!("not ready: {}\n", what.join(", ")))
+                Response::text(503, format!("not ready: {}\n", missing.join(", ")))
             }
         }
         _ => {

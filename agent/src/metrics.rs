@@ -24,10 +24,17 @@ pub enum ReadyPart {
     Dataplane,
     /// subnet.env is written, so the CNI plugin can configure pods.
     SubnetEnv,
+    /// The last resync programmed every peer of the plan, and everything fit.
+    Peers,
 }
 
 impl ReadyPart {
-    pub const ALL: [ReadyPart; 3] = [ReadyPart::Lease, ReadyPart::Dataplane, ReadyPart::SubnetEnv];
+    pub const ALL: [ReadyPart; 4] = [
+        ReadyPart::Lease,
+        ReadyPart::Dataplane,
+        ReadyPart::SubnetEnv,
+        ReadyPart::Peers,
+    ];
 
     /// The `condition` label of `weft_ready_condition`.
     pub const fn name(self) -> &'static str {
@@ -35,6 +42,7 @@ impl ReadyPart {
             ReadyPart::Lease => "lease",
             ReadyPart::Dataplane => "dataplane",
             ReadyPart::SubnetEnv => "subnet_env",
+            ReadyPart::Peers => "peers",
         }
     }
 
@@ -44,6 +52,7 @@ impl ReadyPart {
             ReadyPart::Lease => "lease not acquired",
             ReadyPart::Dataplane => "dataplane not installed",
             ReadyPart::SubnetEnv => "subnet.env not written",
+            ReadyPart::Peers => "peers not all programmed",
         }
     }
 }
@@ -148,6 +157,33 @@ pub struct AgentState {
     watch_restarts: Mutex<Option<CounterSource>>,
     /// Whether the last scrape could read the datapath counters (to log changes only).
     counters_readable: AtomicBool,
+    peers: Mutex<PeerHealth>,
+    resync_failures: AtomicU64,
+}
+
+/// What the last plan and resync left: rejected leases, peers without room, the error.
+#[derive(Clone, Debug, Default)]
+pub struct PeerHealth {
+    pub rejected: std::collections::BTreeMap<&'static str, u64>,
+    pub overflow: Vec<(&'static str, u64)>,
+    pub resync_error: Option<String>,
+}
+
+impl PeerHealth {
+    /// Why peers are not all programmed, if they are not (for /readyz).
+    pub fn problem(&self) -> Option<String> {
+        let full: Vec<String> = self
+            .overflow
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(map, n)| format!("BPF map {map} full ({n} peers on the kernel path)"))
+            .collect();
+        let mut parts = full;
+        if let Some(e) = &self.resync_error {
+            parts.insert(0, format!("last resync failed: {e}"));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
 }
 
 impl Default for AgentState {
@@ -167,7 +203,45 @@ impl AgentState {
             lease_apply_failures: AtomicU64::new(0),
             watch_restarts: Mutex::new(None),
             counters_readable: AtomicBool::new(true),
+            peers: Mutex::new(PeerHealth {
+                rejected: crate::plan::Plan::default().rejected_by_reason(),
+                ..PeerHealth::default()
+            }),
+            resync_failures: AtomicU64::new(0),
         }
+    }
+
+    /// The outcome of a plan and resync (`resync_error: None` after a successful one).
+    pub fn set_peer_health(&self, health: PeerHealth) {
+        if health.resync_error.is_some() {
+            self.resync_failures.fetch_add(1, Relaxed);
+        }
+        self.set_ready(ReadyPart::Peers, health.problem().is_none());
+        *lock(&self.peers) = health;
+    }
+
+    /// After an incremental change: the rejected leases and overflow, keeping the last
+    /// resync's error (the next resync decides about it).
+    pub fn update_peer_counts(
+        &self,
+        rejected: std::collections::BTreeMap<&'static str, u64>,
+        overflow: Vec<(&'static str, u64)>,
+    ) {
+        let mut peers = lock(&self.peers);
+        peers.rejected = rejected;
+        peers.overflow = overflow;
+        self.set_ready(ReadyPart::Peers, peers.problem().is_none());
+    }
+
+    /// What /readyz says: each missing part, with details where there are any.
+    pub fn not_ready(&self) -> Vec<String> {
+        self.missing()
+            .into_iter()
+            .map(|part| match (part, lock(&self.peers).problem()) {
+                (ReadyPart::Peers, Some(why)) => why,
+                (part, _) => part.missing().to_string(),
+            })
+            .collect()
     }
 
     /// Marks one part of readiness as in place (or no longer).
@@ -260,7 +334,7 @@ impl AgentState {
         out.family(
             "weft_ready",
             "gauge",
-            "1 once the lease, the dataplane and subnet.env are in place (as /readyz).",
+            "1 once the lease, the dataplane, subnet.env and every peer are in place (as /readyz).",
         );
         out.sample("weft_ready", &[], u8::from(self.is_ready()));
         out.family(
@@ -327,6 +401,36 @@ impl AgentState {
             "weft_lease_apply_failures_total",
             &[],
             self.lease_apply_failures.load(Relaxed),
+        );
+
+        let peers = lock(&self.peers).clone();
+        out.family(
+            "weft_leases_rejected",
+            "gauge",
+            "Leases of other nodes ignored by validation, by reason (see the agent's log for the keys).",
+        );
+        for (reason, n) in &peers.rejected {
+            out.sample("weft_leases_rejected", &[("reason", reason)], n);
+        }
+        if !peers.overflow.is_empty() {
+            out.family(
+                "weft_map_overflow",
+                "gauge",
+                "Peers a full BPF map has no room for (they stay on the kernel path).",
+            );
+            for (map, n) in &peers.overflow {
+                out.sample("weft_map_overflow", &[("map", map)], n);
+            }
+        }
+        out.family(
+            "weft_resync_failures_total",
+            "counter",
+            "Resyncs that left something unprogrammed (retried at the next interval).",
+        );
+        out.sample(
+            "weft_resync_failures_total",
+            &[],
+            self.resync_failures.load(Relaxed),
         );
 
         if let Some(source) = lock(&self.watch_restarts).as_ref() {
@@ -442,7 +546,7 @@ mod tests {
             r#"# HELP weft_build_info The weft version running.
 # TYPE weft_build_info gauge
 weft_build_info{{version="{version}"}} 1
-# HELP weft_ready 1 once the lease, the dataplane and subnet.env are in place (as /readyz).
+# HELP weft_ready 1 once the lease, the dataplane, subnet.env and every peer are in place (as /readyz).
 # TYPE weft_ready gauge
 weft_ready 0
 # HELP weft_ready_condition Each part of readiness: 1 when in place.
@@ -450,6 +554,7 @@ weft_ready 0
 weft_ready_condition{{condition="lease"}} 1
 weft_ready_condition{{condition="dataplane"}} 0
 weft_ready_condition{{condition="subnet_env"}} 0
+weft_ready_condition{{condition="peers"}} 0
 # HELP weft_leases_known Subnet leases in the agent's lease table.
 # TYPE weft_leases_known gauge
 weft_leases_known 3
@@ -477,6 +582,20 @@ weft_lease_apply_seconds_count 1
 # HELP weft_lease_apply_failures_total Lease changes the dataplane failed to apply (the next resync retries them).
 # TYPE weft_lease_apply_failures_total counter
 weft_lease_apply_failures_total 1
+# HELP weft_leases_rejected Leases of other nodes ignored by validation, by reason (see the agent's log for the keys).
+# TYPE weft_leases_rejected gauge
+weft_leases_rejected{{reason="backend_type"}} 0
+weft_leases_rejected{{reason="covers_node"}} 0
+weft_leases_rejected{{reason="default_route"}} 0
+weft_leases_rejected{{reason="not_on_link"}} 0
+weft_leases_rejected{{reason="outside_network"}} 0
+weft_leases_rejected{{reason="overlap"}} 0
+weft_leases_rejected{{reason="public_ip"}} 0
+weft_leases_rejected{{reason="vtep_mac"}} 0
+weft_leases_rejected{{reason="vtep_mac_shared"}} 0
+# HELP weft_resync_failures_total Resyncs that left something unprogrammed (retried at the next interval).
+# TYPE weft_resync_failures_total counter
+weft_resync_failures_total 0
 "#
         );
         assert_eq!(lines(&state.render()), lines(&expected));

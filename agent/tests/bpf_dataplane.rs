@@ -18,10 +18,11 @@ use futures::StreamExt;
 use ipnetwork::Ipv4Network;
 use serde_json::Value;
 
-use weft::backend::{self, Backend};
+use weft::backend;
 use weft::bpf::{self, BpfOptions, DataplaneChoice};
 use weft::config::netconf::DEFAULT_VXLAN_PORT;
 use weft::config::{AgentArgs, BackendConf, NetConf, VxlanConf};
+use weft::dataplane::Dataplane;
 use weft::iface::{self, ExtIface, IfaceSelection};
 use weft::lease::{Lease, LeaseAttrs, LeaseEvent};
 use weft_common::{
@@ -268,19 +269,20 @@ async fn bpf_node(
     subnet: Ipv4Network,
     conf: &NetConf,
     previous: Option<&Lease>,
-) -> Result<(Box<dyn Backend>, Lease)> {
+) -> Result<(Dataplane, Lease)> {
     let handle = netlink()?;
     let ext = uplink(&handle).await?;
-    let (mut dataplane, why) = bpf::select_dataplane(
+    let (backend, why) = bpf::select_dataplane(
         DataplaneChoice::Bpf,
         bpf::EMBEDDED_OBJECT,
         conf,
         &ext,
-        handle,
+        handle.clone(),
         &options(dir),
     )
     .await?;
     ensure!(why.starts_with("bpf ("), "dataplane: {why}");
+    let mut dataplane = Dataplane::for_netconf(backend, conf, &ext, handle);
     let attrs = dataplane.register(previous).await?;
     let own = Lease { subnet, attrs };
     dataplane.configure(&own).await?;
@@ -296,7 +298,8 @@ async fn kernel_node(
 ) -> Result<Lease> {
     let handle = netlink()?;
     let ext = uplink(&handle).await?;
-    let mut kernel = backend::kernel_backend(&conf, &ext, handle);
+    let backend = backend::kernel_backend(&conf, &ext, handle.clone());
+    let mut kernel = Dataplane::for_netconf(backend, &conf, &ext, handle);
     let attrs = kernel.register(previous.as_ref()).await?;
     let own = Lease { subnet, attrs };
     kernel.configure(&own).await?;

@@ -605,6 +605,15 @@ async fn watch_reports_other_nodes_and_the_revocation_of_our_lease() {
             attrs: third
         }))
     );
+    // A garbled value for a known key removes the peer: it no longer says where it is.
+    client
+        .put(third_key.as_str(), r#"{"PublicIP":"198.18.0.13","#, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut rx).await,
+        LeaseWatchEvent::Event(LeaseEvent::Removed(net("10.244.200.0/24")))
+    );
     client.delete(third_key.as_str(), None).await.unwrap();
     assert_eq!(
         next(&mut rx).await,

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use weft::health::{self, HealthServer, MAX_REQUEST_BYTES, READ_TIMEOUT};
-use weft::metrics::{AgentState, DataplaneInfo, ReadyPart};
+use weft::metrics::{AgentState, DataplaneInfo, PeerHealth, ReadyPart};
 
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -117,6 +117,39 @@ async fn healthz_answers_and_readyz_waits_for_lease_dataplane_and_subnet_env() {
     );
 
     state.set_ready(ReadyPart::SubnetEnv, true);
+    let readyz = get(addr, "/readyz").await;
+    assert_eq!(
+        (readyz.status, readyz.body.as_str()),
+        (503, "not ready: peers not all programmed\n")
+    );
+
+    // A failed resync is not ready, and says why; nor is a full BPF map.
+    state.set_peer_health(PeerHealth {
+        resync_error: Some("vxlan resync: programming 10.244.7.0/24: refused".into()),
+        ..PeerHealth::default()
+    });
+    let readyz = get(addr, "/readyz").await;
+    assert_eq!(
+        (readyz.status, readyz.body.as_str()),
+        (
+            503,
+            "not ready: last resync failed: vxlan resync: programming 10.244.7.0/24: refused\n"
+        )
+    );
+    state.set_peer_health(PeerHealth {
+        overflow: vec![("leases", 3)],
+        ..PeerHealth::default()
+    });
+    let readyz = get(addr, "/readyz").await;
+    assert!(
+        readyz.status == 503
+            && readyz
+                .body
+                .contains("BPF map leases full (3 peers on the kernel path)"),
+        "{}",
+        readyz.body
+    );
+    state.set_peer_health(PeerHealth::default());
     let readyz = get(addr, "/readyz").await;
     assert_eq!((readyz.status, readyz.body.as_str()), (200, "ok"));
     // Probes with a query string (and HEAD) get the same answer.

@@ -17,10 +17,12 @@ use ipnetwork::Ipv4Network;
 use serde_json::Value;
 use weft::backend::hostgw::HostGwBackend;
 use weft::backend::vxlan::VxlanBackend;
-use weft::backend::Backend;
-use weft::config::VxlanConf;
+use weft::backend::Backend as _;
+use weft::config::{BackendConf, VxlanConf};
+use weft::dataplane::Dataplane;
 use weft::iface::{select_ext_iface, ExtIface, IfaceSelection};
 use weft::lease::{Lease, LeaseAttrs, LeaseEvent, MacAddr};
+use weft::plan::PlanConfig;
 
 const PREFIX: &str = "wt-kb-";
 const NETWORK: &str = "10.244.0.0/16";
@@ -280,7 +282,8 @@ fn fdb(ns: &str, dev: &str) -> Vec<String> {
         .collect()
 }
 
-/// Main-table routes to `dst` as `dst via gw dev d [onlink] [metric m]`.
+/// Main-table routes to `dst` as `dst via gw dev d [onlink] [metric m] [proto p]` (`ip`
+/// leaves out proto boot, what `ip route add` sets).
 fn routes_to(ns: &str, dst: &str) -> Vec<String> {
     let list = ip_json(ns, "route show");
     list.as_array()
@@ -301,6 +304,9 @@ fn routes_to(ns: &str, dst: &str) -> Vec<String> {
             }
             if let Some(metric) = r["metric"].as_u64() {
                 s += &format!(" metric {metric}");
+            }
+            if let Some(proto) = r["protocol"].as_str() {
+                s += &format!(" proto {proto}");
             }
             s
         })
@@ -369,8 +375,12 @@ async fn eth0(handle: &rtnetlink::Handle) -> ExtIface {
     select_ext_iface(handle, &selection).await.unwrap()
 }
 
-async fn vxlan_backend(handle: &rtnetlink::Handle, conf: VxlanConf) -> VxlanBackend {
-    VxlanBackend::new(conf, net(NETWORK), eth0(handle).await, handle.clone())
+/// The vxlan backend as the agent drives it: behind the planner.
+async fn vxlan_backend(handle: &rtnetlink::Handle, conf: VxlanConf) -> Dataplane {
+    let ext = eth0(handle).await;
+    let backend = VxlanBackend::new(conf.clone(), net(NETWORK), ext.clone(), handle.clone());
+    let plan = PlanConfig::new(net(NETWORK), BackendConf::Vxlan(conf), &ext);
+    Dataplane::new(Box::new(backend), plan, &ext, handle.clone())
 }
 
 fn added(lease: &Lease) -> LeaseEvent {
@@ -715,14 +725,14 @@ fn vxlan_programs_peers_and_cleans_up() {
         );
         assert_eq!(
             routes_to(&ns, "10.244.2.0/24"),
-            ["10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink"]
+            ["10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink proto 87"]
         );
 
         let c = vxlan_lease("10.244.3.0/24", "198.18.0.13", "02:00:00:00:00:c1");
         backend.apply(&added(&c)).await.unwrap();
         assert_eq!(
             routes_to(&ns, "10.244.3.0/24"),
-            ["10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink"]
+            ["10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink proto 87"]
         );
 
         // The peer's VtepMAC changes: new neighbour and FDB entry, the old one is gone.
@@ -760,9 +770,9 @@ fn vxlan_programs_peers_and_cleans_up() {
             );
         }
         let log = logs.text();
-        assert!(log.contains("ignoring the lease of 10.244.4.0/24 (node 198.18.0.14): its backend is \"host-gw\""), "{log}");
+        assert!(log.contains("ignoring the lease 10.244.4.0-24 (node 198.18.0.14): its BackendType is \"host-gw\""), "{log}");
         assert!(
-            log.contains("ignoring the lease of 10.244.5.0/24 (node 198.18.0.15)"),
+            log.contains("ignoring the lease 10.244.5.0-24 (node 198.18.0.15): its BackendData has no valid VtepMAC"),
             "{log}"
         );
 
@@ -830,11 +840,11 @@ fn vxlan_resync_repairs_drift() {
         assert_eq!(addrs(&ns, "flannel.1"), ["10.244.1.0/32"]);
         assert_eq!(
             routes_to(&ns, "10.244.2.0/24"),
-            ["10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink"]
+            ["10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink proto 87"]
         );
         assert_eq!(
             routes_to(&ns, "10.244.3.0/24"),
-            ["10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink"]
+            ["10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink proto 87"]
         );
         let mut n = neighbours(&ns, "flannel.1");
         n.sort();
@@ -855,13 +865,13 @@ fn vxlan_resync_repairs_drift() {
             ]
         );
 
-        // Entries deleted by hand come back; entries of leases not listed (and leftovers)
-        // go; routes outside the network are not weft's and stay.
+        // Entries deleted by hand come back; entries of leases not listed (and weft's
+        // leftovers) go; routes outside the network are not weft's and stay.
         ip(&ns, "route del 10.244.3.0/24");
         ip(&ns, "neigh del 10.244.3.0 dev flannel.1");
         ip(
             &ns,
-            "route add 10.244.7.0/24 via 10.244.7.0 dev flannel.1 onlink",
+            "route add 10.244.7.0/24 via 10.244.7.0 dev flannel.1 onlink proto 87",
         );
         ip(
             &ns,
@@ -889,13 +899,13 @@ fn vxlan_resync_repairs_drift() {
         );
         ip(
             &ns,
-            "route add 10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink metric 50",
+            "route add 10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink metric 50 proto 87",
         );
         backend.resync(std::slice::from_ref(&c)).await.unwrap();
         backend.resync(std::slice::from_ref(&c)).await.unwrap();
         assert_eq!(
             routes_to(&ns, "10.244.3.0/24"),
-            ["10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink"]
+            ["10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink proto 87"]
         );
         assert!(routes_to(&ns, "10.244.2.0/24").is_empty());
         assert!(routes_to(&ns, "10.244.7.0/24").is_empty());
@@ -952,11 +962,11 @@ fn vxlan_direct_routing_uses_the_underlay_for_peers_on_the_same_l2() {
         }
         assert_eq!(
             routes_to(&ns, "10.244.2.0/24"),
-            ["10.244.2.0/24 via 198.18.0.12 dev eth0"]
+            ["10.244.2.0/24 via 198.18.0.12 dev eth0 proto 87"]
         );
         assert_eq!(
             routes_to(&ns, "10.244.3.0/24"),
-            ["10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink"]
+            ["10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink proto 87"]
         );
         assert_eq!(
             neighbours(&ns, "flannel.1"),
@@ -967,13 +977,17 @@ fn vxlan_direct_routing_uses_the_underlay_for_peers_on_the_same_l2() {
             ["02:00:00:00:00:d1 dst 198.51.100.4 permanent"]
         );
 
-        // A stale direct route inside the network goes at resync; the listed ones stay.
-        ip(&ns, "route add 10.244.8.0/24 via 198.18.0.18 dev eth0");
+        // A stale direct route of weft's inside the network goes at resync; the listed
+        // ones stay.
+        ip(
+            &ns,
+            "route add 10.244.8.0/24 via 198.18.0.18 dev eth0 proto 87",
+        );
         backend.resync(&[near.clone(), far.clone()]).await.unwrap();
         assert!(routes_to(&ns, "10.244.8.0/24").is_empty());
         assert_eq!(
             routes_to(&ns, "10.244.2.0/24"),
-            ["10.244.2.0/24 via 198.18.0.12 dev eth0"]
+            ["10.244.2.0/24 via 198.18.0.12 dev eth0 proto 87"]
         );
 
         backend
@@ -983,23 +997,17 @@ fn vxlan_direct_routing_uses_the_underlay_for_peers_on_the_same_l2() {
         assert!(routes_to(&ns, "10.244.2.0/24").is_empty());
         assert_eq!(
             routes_to(&ns, "10.244.3.0/24"),
-            ["10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink"]
+            ["10.244.3.0/24 via 10.244.3.0 dev flannel.1 onlink proto 87"]
         );
     });
 }
 
 /// Sets up node `ns` (own lease `own`) with `make_backend` and programs `peer`; returns
 /// the lease attributes it published.
-fn run_node<B, F, Fut>(
-    ns: &str,
-    own: &'static str,
-    peer: Option<Lease>,
-    make_backend: F,
-) -> LeaseAttrs
+fn run_node<F, Fut>(ns: &str, own: &'static str, peer: Option<Lease>, make_backend: F) -> LeaseAttrs
 where
-    B: Backend + 'static,
     F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
-    Fut: Future<Output = B>,
+    Fut: Future<Output = Dataplane>,
 {
     in_netns(ns, move |handle, _| async move {
         let mut backend = make_backend(handle).await;
@@ -1075,8 +1083,11 @@ fn vxlan_carries_pod_traffic_between_nodes() {
 // ---------------------------------------------------------------------------------------
 // host-gw
 
-async fn hostgw_backend(handle: &rtnetlink::Handle) -> HostGwBackend {
-    HostGwBackend::new(net(NETWORK), eth0(handle).await, handle.clone())
+async fn hostgw_backend(handle: &rtnetlink::Handle) -> Dataplane {
+    let ext = eth0(handle).await;
+    let backend = HostGwBackend::new(net(NETWORK), ext.clone(), handle.clone());
+    let plan = PlanConfig::new(net(NETWORK), BackendConf::HostGw, &ext);
+    Dataplane::new(Box::new(backend), plan, &ext, handle.clone())
 }
 
 #[test]
@@ -1115,14 +1126,18 @@ fn hostgw_routes_follow_the_leases() {
         backend.apply(&added(&b)).await.unwrap();
         assert_eq!(
             routes_to(&ns, "10.244.2.0/24"),
-            ["10.244.2.0/24 via 198.18.0.12 dev eth0"]
+            ["10.244.2.0/24 via 198.18.0.12 dev eth0 proto 87"]
         );
 
-        // Conflicting routes to a peer's subnet are replaced.
-        ip(&ns, "route add 10.244.3.0/24 via 198.18.0.14 dev eth0");
+        // weft's own routes to a peer's subnet that differ are replaced; another
+        // component's route to it is left alone and the error names it.
         ip(
             &ns,
-            "route add 10.244.3.0/24 via 198.18.0.15 dev eth0 metric 100",
+            "route add 10.244.3.0/24 via 198.18.0.14 dev eth0 proto 87",
+        );
+        ip(
+            &ns,
+            "route add 10.244.3.0/24 via 198.18.0.15 dev eth0 metric 100 proto 87",
         );
         backend
             .apply(&added(&hostgw_lease("10.244.3.0/24", "198.18.0.13")))
@@ -1130,10 +1145,31 @@ fn hostgw_routes_follow_the_leases() {
             .unwrap();
         assert_eq!(
             routes_to(&ns, "10.244.3.0/24"),
-            ["10.244.3.0/24 via 198.18.0.13 dev eth0"]
+            ["10.244.3.0/24 via 198.18.0.13 dev eth0 proto 87"]
         );
+        ip(
+            &ns,
+            "route add 10.244.7.0/24 via 198.18.0.17 dev eth0 proto static",
+        );
+        let err = backend
+            .apply(&added(&hostgw_lease("10.244.7.0/24", "198.18.0.13")))
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("another component's route to 10.244.7.0/24 is in place"),
+            "{err:#}"
+        );
+        assert_eq!(
+            routes_to(&ns, "10.244.7.0/24"),
+            ["10.244.7.0/24 via 198.18.0.17 dev eth0 proto static"]
+        );
+        backend
+            .apply(&LeaseEvent::Removed(net("10.244.7.0/24")))
+            .await
+            .unwrap();
+        assert_eq!(routes_to(&ns, "10.244.7.0/24").len(), 1);
 
-        // A peer not on our L2 segment is refused, with an error naming it; so is a vxlan lease.
+        // A peer not on our L2 segment is ignored with a warning naming it; so is a vxlan lease.
         backend
             .apply(&added(&hostgw_lease("10.244.4.0/24", "198.51.100.4")))
             .await
@@ -1141,8 +1177,7 @@ fn hostgw_routes_follow_the_leases() {
         assert!(routes_to(&ns, "10.244.4.0/24").is_empty());
         let log = logs.text();
         assert!(
-            log.contains("ERROR")
-                && log.contains("cannot route 10.244.4.0/24 via node 198.51.100.4"),
+            log.contains("ignoring the lease 10.244.4.0-24 (node 198.51.100.4): node 198.51.100.4 is not on the same L2 segment as eth0"),
             "{log}"
         );
         backend
@@ -1154,30 +1189,55 @@ fn hostgw_routes_follow_the_leases() {
             .await
             .unwrap();
         assert!(routes_to(&ns, "10.244.5.0/24").is_empty());
+        assert!(logs.text().contains(
+            "ignoring the lease 10.244.5.0-24 (node 198.18.0.15): its BackendType is \"vxlan\""
+        ));
 
         // Removal, twice.
         backend.apply(&LeaseEvent::Removed(b.subnet)).await.unwrap();
         backend.apply(&LeaseEvent::Removed(b.subnet)).await.unwrap();
         assert!(routes_to(&ns, "10.244.2.0/24").is_empty());
 
-        // Resync: a deleted route comes back; a stale route of weft's kind goes; routes
-        // weft would not have added (no gateway, outside the network) stay.
+        // Resync: a deleted route comes back; a stale route of weft's goes; routes weft did
+        // not add (another protocol, no gateway, outside the network) stay.
         ip(&ns, "route del 10.244.3.0/24");
-        ip(&ns, "route add 10.244.8.0/24 via 198.18.0.18 dev eth0");
+        ip(
+            &ns,
+            "route add 10.244.8.0/24 via 198.18.0.18 dev eth0 proto 87",
+        );
+        ip(&ns, "route add 10.244.9.0/24 via 198.18.0.19 dev eth0");
         ip(&ns, "route add 10.244.6.0/24 dev eth0");
         ip(&ns, "route add 203.0.113.0/24 via 198.18.0.19 dev eth0");
         let c = hostgw_lease("10.244.3.0/24", "198.18.0.13");
         backend.resync(std::slice::from_ref(&c)).await.unwrap();
-        backend.resync(&[c]).await.unwrap();
+        backend.resync(std::slice::from_ref(&c)).await.unwrap();
         assert_eq!(
             routes_to(&ns, "10.244.3.0/24"),
-            ["10.244.3.0/24 via 198.18.0.13 dev eth0"]
+            ["10.244.3.0/24 via 198.18.0.13 dev eth0 proto 87"]
         );
         assert!(routes_to(&ns, "10.244.8.0/24").is_empty());
+        assert_eq!(
+            routes_to(&ns, "10.244.9.0/24"),
+            ["10.244.9.0/24 via 198.18.0.19 dev eth0"]
+        );
         assert_eq!(routes_to(&ns, "10.244.6.0/24"), ["10.244.6.0/24 dev eth0"]);
         assert_eq!(
             routes_to(&ns, "203.0.113.0/24"),
             ["203.0.113.0/24 via 198.18.0.19 dev eth0"]
+        );
+
+        // A peer the kernel cannot have (another component routes its subnet) does not keep
+        // the others from being programmed, and the error names it.
+        ip(&ns, "route del 10.244.3.0/24");
+        let seven = hostgw_lease("10.244.7.0/24", "198.18.0.16");
+        let err = backend.resync(&[seven, c]).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("another component's route to 10.244.7.0/24 is in place"),
+            "{err:#}"
+        );
+        assert_eq!(
+            routes_to(&ns, "10.244.3.0/24"),
+            ["10.244.3.0/24 via 198.18.0.13 dev eth0 proto 87"]
         );
 
         // host-gw cannot publish an address other than the interface's.

@@ -992,6 +992,41 @@ impl Lab {
             .ctl(args)
     }
 
+    /// Puts a lease value under `<prefix>/subnets/<key>` as a hostile or careless writer
+    /// with etcd access would (`key` like `10.244.9.0-24`, `value` any text).
+    pub fn put_raw_lease(&self, key: &str, value: &str) -> Result<()> {
+        let full = format!("{ETCD_PREFIX}/subnets/{key}");
+        self.etcdctl(&["put", &full, value]).map(|_| ())
+    }
+
+    /// One HTTP/1.1 GET of `path` on node `index`'s health server (`port`), from the fabric
+    /// namespace as a kubelet probe or Prometheus would send it: (status, body).
+    pub fn http_get(&self, index: usize, port: u16, path: &str) -> Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let node = self.node_ip(index);
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {node}\r\nConnection: close\r\n\r\n");
+        let reply = icmp::in_netns(self.fabric_ns(), move || {
+            let addr = std::net::SocketAddr::from((node, port));
+            let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(request.as_bytes())?;
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply)?;
+            anyhow::Ok(reply)
+        })
+        .with_context(|| format!("GET http://{node}:{port}{path}"))?;
+        let status = reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("not an HTTP reply: {reply:?}"))?;
+        let body = reply
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
     /// All subnet leases in etcd; in kube mode, those the Nodes' annotations publish.
     pub fn leases(&self) -> Result<Vec<Lease>> {
         if let Some(api) = &self.api {
@@ -1722,6 +1757,16 @@ impl PingMatrix {
 }
 
 /// The first pod of `pods` on node `node`.
+/// The value of the first sample line of a /metrics text that starts with `series`
+/// (e.g. `weft_leases_rejected{reason="overlap"}`).
+pub fn metric(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 pub fn first_pod_on(pods: &[Pod], node: usize) -> &Pod {
     pods.iter()
         .find(|p| p.node == node)

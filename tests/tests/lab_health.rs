@@ -1,47 +1,16 @@
 //! /healthz, /readyz and /metrics scraped over the underlay from agents running in the lab,
 //! as a kubelet probe or Prometheus would.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use weft_tests::icmp::in_netns;
+use weft_tests::lab::metric as sample;
 use weft_tests::{wait_until, Backend, Dataplane, Lab, LabConfig};
 
 const HEALTHZ_PORT: u16 = 8471;
 
-/// One HTTP/1.1 GET from the fabric namespace; returns (status code, body).
-fn get(lab: &Lab, node: Ipv4Addr, path: &str) -> (u16, String) {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {node}\r\nConnection: close\r\n\r\n");
-    let reply = in_netns(lab.fabric_ns(), move || {
-        let addr = SocketAddr::from((node, HEALTHZ_PORT));
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(request.as_bytes())?;
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply)?;
-        anyhow::Ok(reply)
-    })
-    .unwrap_or_else(|e| panic!("GET http://{node}:{HEALTHZ_PORT}{path}: {e:#}"));
-    let status = reply
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP reply: {reply:?}"));
-    let body = reply
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// The value of the first sample line of `metrics` that starts with `series`.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+fn get(lab: &Lab, node: usize, path: &str) -> (u16, String) {
+    lab.http_get(node, HEALTHZ_PORT, path)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[test]
@@ -55,7 +24,7 @@ fn agents_answer_probes_and_export_metrics_in_the_lab() {
     })
     .expect("lab starts");
     let pods = lab.add_pods(1).expect("pods attach");
-    let node1 = lab.node_ip(1);
+    let node1 = 1;
 
     let (status, body) = get(&lab, node1, "/healthz");
     assert_eq!(status, 200, "/healthz: {body}");

@@ -5,13 +5,13 @@ use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use ipnetwork::Ipv4Network;
 use rtnetlink::Handle;
-use tracing::{error, info, warn};
+use tracing::info;
 
-use super::netlink::{self, Route, SkipLog};
-use super::{Backend, Reach};
+use super::netlink::{self, Route};
+use super::{Backend, Failures};
 use crate::iface::ExtIface;
-use crate::lease::{Lease, LeaseAttrs, LeaseEvent};
-use std::collections::HashSet;
+use crate::lease::{Lease, LeaseAttrs};
+use crate::plan::{Peer, PeerChange, Plan};
 
 const BACKEND_TYPE: &str = "host-gw";
 
@@ -20,9 +20,6 @@ pub struct HostGwBackend {
     ext: ExtIface,
     handle: Handle,
     own: Option<Ipv4Network>,
-    /// The subnets routed, as programmed by `apply` and `resync`.
-    routed: HashSet<Ipv4Network>,
-    skipped: SkipLog,
 }
 
 impl HostGwBackend {
@@ -32,46 +29,16 @@ impl HostGwBackend {
             ext,
             handle,
             own: None,
-            routed: HashSet::new(),
-            skipped: SkipLog::default(),
         }
     }
 
-    /// The route to `lease`, or None (logged once) if it cannot or must not be programmed.
-    async fn route_for(&mut self, lease: &Lease) -> Result<Option<Route>> {
-        if Some(lease.subnet) == self.own {
-            return Ok(None);
-        }
-        let public_ip = lease.attrs.public_ip;
-        if lease.attrs.backend_type != BACKEND_TYPE {
-            let why = format!("its backend is {:?}, not host-gw", lease.attrs.backend_type);
-            if self.skipped.report(lease.subnet, &why) {
-                warn!(
-                    "ignoring the lease of {} (node {public_ip}): {why}",
-                    lease.subnet
-                );
-            }
-            return Ok(None);
-        }
-        if !netlink::on_link(&self.handle, public_ip, self.ext.index).await? {
-            let why = format!("not directly reachable on {}", self.ext.name);
-            if self.skipped.report(lease.subnet, &why) {
-                error!(
-                    "cannot route {} via node {public_ip}: the node is not on the same L2 segment as {} \
-                     (its route has a gateway or another interface); host-gw needs all nodes on one L2 network, \
-                     use the vxlan backend (with DirectRouting) otherwise",
-                    lease.subnet, self.ext.name
-                );
-            }
-            return Ok(None);
-        }
-        self.skipped.clear(&lease.subnet);
-        Ok(Some(Route {
-            dst: lease.subnet,
-            gateway: Some(public_ip),
+    fn route(&self, peer: &Peer) -> Route {
+        Route {
+            dst: peer.subnet,
+            gateway: Some(peer.public_ip),
             oif: self.ext.index,
             onlink: false,
-        }))
+        }
     }
 }
 
@@ -102,28 +69,15 @@ impl Backend for HostGwBackend {
         Ok(())
     }
 
-    async fn apply(&mut self, event: &LeaseEvent) -> Result<()> {
-        match event {
-            LeaseEvent::Added(lease) => {
-                let Some(route) = self.route_for(lease).await? else {
-                    self.routed.remove(&lease.subnet);
-                    return Ok(());
-                };
+    async fn apply(&mut self, change: &PeerChange) -> Result<()> {
+        match change {
+            PeerChange::Set(peer) => {
                 let table = netlink::routes(&self.handle).await?;
-                netlink::ensure_route(&self.handle, &table, &route)
+                netlink::ensure_route(&self.handle, &table, &self.route(peer))
                     .await
-                    .with_context(|| {
-                        format!(
-                            "routing {} via node {}",
-                            lease.subnet, lease.attrs.public_ip
-                        )
-                    })?;
-                self.routed.insert(lease.subnet);
-                Ok(())
+                    .with_context(|| format!("routing {} via node {}", peer.subnet, peer.public_ip))
             }
-            LeaseEvent::Removed(subnet) => {
-                self.skipped.clear(subnet);
-                self.routed.remove(subnet);
+            PeerChange::Removed(subnet) => {
                 netlink::delete_routes_to(&self.handle, *subnet, &[self.ext.index])
                     .await
                     .with_context(|| format!("removing the route to {subnet}"))
@@ -131,25 +85,20 @@ impl Backend for HostGwBackend {
         }
     }
 
-    async fn resync(&mut self, leases: &[Lease]) -> Result<()> {
-        let mut wanted = Vec::new();
-        for lease in leases {
-            if let Some(route) = self.route_for(lease).await? {
-                wanted.push(route);
-            }
-        }
+    async fn resync(&mut self, plan: &Plan) -> Result<()> {
+        let wanted: Vec<Route> = plan.peers.values().map(|p| self.route(p)).collect();
         let table = netlink::routes(&self.handle).await?;
+        let mut failures = Failures::default();
         for route in &wanted {
             if !netlink::route_in_place(&table, route) {
                 info!(
                     "resync: restoring the route to {} via {}",
                     route.dst, self.ext.name
                 );
-                netlink::ensure_route(&self.handle, &table, route).await?;
+                failures.record(netlink::ensure_route(&self.handle, &table, route).await);
             }
         }
-        let keep =
-            |dst: &Ipv4Network| wanted.iter().any(|r| r.dst == *dst) || Some(*dst) == self.own;
+        let keep = |dst: &Ipv4Network| plan.peers.contains_key(dst) || Some(*dst) == self.own;
         for dst in
             netlink::prune_routes(&self.handle, &table, self.network, self.ext.index, keep).await?
         {
@@ -158,15 +107,10 @@ impl Backend for HostGwBackend {
                 self.ext.name
             );
         }
-        self.routed = wanted.iter().map(|r| r.dst).collect();
-        Ok(())
+        failures.into_result("host-gw resync")
     }
 
     fn pod_mtu(&self) -> u32 {
         self.ext.mtu
-    }
-
-    fn reach(&self, subnet: Ipv4Network) -> Option<Reach> {
-        self.routed.contains(&subnet).then_some(Reach::Direct)
     }
 }

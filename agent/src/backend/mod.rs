@@ -1,7 +1,9 @@
 //! Backends: how the lease table becomes kernel state.
 //!
 //! `vxlan` and `host-gw` program exactly what flanneld programs (through rtnetlink).
-//! Events are diffs; applying one twice changes nothing; `resync` repairs drift.
+//! They reconcile the peer plan ([`crate::plan`]): they never decide which lease is used
+//! or how it is reached. Changes are diffs; applying one twice changes nothing; `resync`
+//! repairs drift, and one peer the kernel refuses never stops the others.
 
 pub mod hostgw;
 pub mod netlink;
@@ -9,11 +11,11 @@ pub mod vxlan;
 
 use anyhow::Result;
 use async_trait::async_trait;
-use ipnetwork::Ipv4Network;
 
 use crate::config::{BackendConf, NetConf};
 use crate::iface::ExtIface;
-use crate::lease::{Lease, LeaseAttrs, LeaseEvent};
+use crate::lease::{Lease, LeaseAttrs};
+use crate::plan::{PeerChange, Plan};
 
 #[async_trait]
 pub trait Backend: Send {
@@ -25,20 +27,22 @@ pub trait Backend: Send {
     /// addresses that belong to no current lease, and saying so in the log).
     async fn configure(&mut self, own: &Lease) -> Result<()>;
 
-    /// Applies one change of another node's lease. Idempotent.
-    async fn apply(&mut self, event: &LeaseEvent) -> Result<()>;
+    /// Applies one change of the plan. Idempotent.
+    async fn apply(&mut self, change: &PeerChange) -> Result<()>;
 
-    /// Makes the kernel state match exactly `leases` (other nodes'): adds what is missing,
-    /// replaces what differs, removes routes/neighbours/FDB entries of leases not listed,
-    /// re-creates a deleted device.
-    async fn resync(&mut self, leases: &[Lease]) -> Result<()>;
+    /// Makes the state match exactly `plan`: adds what is missing, replaces what differs,
+    /// removes what weft programmed for peers not in it, re-creates a deleted device. A
+    /// peer that fails is reported in the error after all the others were programmed.
+    async fn resync(&mut self, plan: &Plan) -> Result<()>;
 
     /// The MTU pods must use (written to subnet.env as FLANNEL_MTU).
     fn pod_mtu(&self) -> u32;
 
-    /// How the kernel state this backend programmed reaches `subnet`: through the overlay
-    /// device or by a direct route; `None` if it does not route it (skipped lease, own lease).
-    fn reach(&self, subnet: Ipv4Network) -> Option<Reach>;
+    /// Peers that did not fit in a fixed-size table (BPF maps), per table: they stay on
+    /// the kernel path.
+    fn overflow(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 
     /// For a dataplane with a fast path: whether it is on, and why. `None` otherwise.
     fn fast_path(&self) -> Option<(bool, String)> {
@@ -46,13 +50,25 @@ pub trait Backend: Send {
     }
 }
 
-/// How a remote lease is reached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reach {
-    /// Encapsulated through `flannel.<VNI>`.
-    Overlay,
-    /// A plain route via the peer's public IP (host-gw, DirectRouting).
-    Direct,
+/// Runs every step, then fails with all the failures named (one refused peer must not
+/// keep the others from being programmed).
+#[derive(Default)]
+pub struct Failures(Vec<String>);
+
+impl Failures {
+    pub fn record(&mut self, result: Result<()>) {
+        if let Err(e) = result {
+            self.0.push(format!("{e:#}"));
+        }
+    }
+
+    pub fn into_result(self, what: &str) -> Result<()> {
+        match self.0.len() {
+            0 => Ok(()),
+            1 => anyhow::bail!("{what}: {}", self.0[0]),
+            n => anyhow::bail!("{what}: {n} failures: {}", self.0.join("; ")),
+        }
+    }
 }
 
 /// Builds the kernel backend the config asks for.

@@ -17,7 +17,7 @@ use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
 };
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
@@ -256,7 +256,12 @@ pub async fn remove_stale_bridge_addrs(
 // ---------------------------------------------------------------------------------------
 // Routes
 
-/// A route weft programs: `<dst> via <gateway> dev <oif> [onlink]`, metric 0, main table.
+/// The route protocol number that marks routes weft programmed (`ip route ... proto 87`),
+/// as routing daemons mark theirs: weft replaces and deletes only routes carrying it.
+pub const RTPROT_WEFT: u8 = 87;
+
+/// A route weft programs: `<dst> via <gateway> dev <oif> [onlink] proto 87`, metric 0,
+/// main table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
     pub dst: Ipv4Network,
@@ -269,7 +274,8 @@ impl Route {
     fn message(&self) -> RouteMessage {
         let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(self.dst.network(), self.dst.prefix())
-            .output_interface(self.oif);
+            .output_interface(self.oif)
+            .protocol(RouteProtocol::Other(RTPROT_WEFT));
         if let Some(gateway) = self.gateway {
             builder = builder.gateway(gateway);
         }
@@ -302,17 +308,30 @@ pub struct KernelRoute {
     /// The output interface (of the first next hop, for a multipath route).
     pub oif: Option<u32>,
     pub metric: u32,
+    /// The `proto` the route was added with.
+    pub protocol: u8,
     message: RouteMessage,
 }
 
 impl KernelRoute {
-    /// Whether this route is exactly `want` (same next hop, metric 0). The onlink flag is
-    /// not compared: the kernel would have refused the route without it where it matters.
-    pub fn is(&self, want: &Route) -> bool {
+    /// Whether weft programmed this route.
+    pub fn is_weft(&self) -> bool {
+        self.protocol == RTPROT_WEFT
+    }
+
+    /// Whether this route has `want`'s next hop and metric 0, whoever added it. The onlink
+    /// flag is not compared: the kernel would have refused the route without it where it
+    /// matters.
+    pub fn same_path(&self, want: &Route) -> bool {
         self.dst == want.dst
             && self.gateway == want.gateway
             && self.oif == Some(want.oif)
             && self.metric == 0
+    }
+
+    /// Whether this route is exactly `want`, programmed by weft.
+    pub fn is(&self, want: &Route) -> bool {
+        self.same_path(want) && self.is_weft()
     }
 
     fn parse(msg: RouteMessage) -> Option<KernelRoute> {
@@ -357,6 +376,7 @@ impl KernelRoute {
             gateway,
             oif,
             metric,
+            protocol: u8::from(h.protocol),
             message: msg,
         })
     }
@@ -426,10 +446,46 @@ pub fn route_in_place(table: &[KernelRoute], want: &Route) -> bool {
     same_dst.peek().is_some() && same_dst.all(|r| r.is(want))
 }
 
-/// Installs `want`, replacing the route with the same key, then deletes other routes to
-/// the same destination listed in `table` (e.g. with another metric), which would compete
-/// with it.
+/// Another component's route to a destination weft wants to route: left alone, reported.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "another component's route to {dst} is in place ({route}): weft leaves it alone and does \
+     not route this lease; remove that route if it is stale, or take {dst} out of the pod network"
+)]
+pub struct ForeignRoute {
+    pub dst: Ipv4Network,
+    pub route: String,
+}
+
+impl std::fmt::Display for KernelRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.dst)?;
+        if let Some(gw) = self.gateway {
+            write!(f, " via {gw}")?;
+        }
+        if let Some(oif) = self.oif {
+            write!(f, " dev #{oif}")?;
+        }
+        write!(f, " proto {} metric {}", self.protocol, self.metric)
+    }
+}
+
+/// Installs `want`, replacing weft's route with the same key, then deletes weft's other
+/// routes to the same destination listed in `table` (e.g. with another metric), which
+/// would compete with it. A route with `want`'s path that someone else added (flanneld
+/// before a migration) is taken over; any other foreign route to the destination makes
+/// this fail with [`ForeignRoute`], and nothing is changed.
 pub async fn ensure_route(handle: &Handle, table: &[KernelRoute], want: &Route) -> Result<()> {
+    if let Some(foreign) = table
+        .iter()
+        .find(|r| r.dst == want.dst && !r.is_weft() && !r.same_path(want))
+    {
+        return Err(ForeignRoute {
+            dst: want.dst,
+            route: foreign.to_string(),
+        }
+        .into());
+    }
     handle
         .route()
         .add(want.message())
@@ -437,7 +493,10 @@ pub async fn ensure_route(handle: &Handle, table: &[KernelRoute], want: &Route) 
         .execute()
         .await
         .with_context(|| format!("adding route {want}"))?;
-    for conflicting in table.iter().filter(|r| r.dst == want.dst && !r.is(want)) {
+    for conflicting in table
+        .iter()
+        .filter(|r| r.dst == want.dst && r.is_weft() && !r.is(want))
+    {
         // The one with the same key was just replaced: deleting its old form finds nothing.
         delete_route(handle, conflicting).await?;
     }
@@ -478,19 +537,19 @@ pub async fn delete_blackhole_route(handle: &Handle, subnet: Ipv4Network) -> Res
         .with_context(|| format!("deleting blackhole route {subnet}"))
 }
 
-/// Deletes the routes to exactly `dst` that have a gateway through one of `oifs`.
+/// Deletes weft's routes to exactly `dst` that have a gateway through one of `oifs`.
 pub async fn delete_routes_to(handle: &Handle, dst: Ipv4Network, oifs: &[u32]) -> Result<()> {
     for route in routes(handle).await? {
         let through = route.oif.is_some_and(|oif| oifs.contains(&oif));
-        if route.dst == dst && route.gateway.is_some() && through {
+        if route.dst == dst && route.gateway.is_some() && through && route.is_weft() {
             delete_route(handle, &route).await?;
         }
     }
     Ok(())
 }
 
-/// Deletes the routes weft would have programmed through `oif` that `keep` does not list:
-/// inside `network`, with a gateway. Returns the destinations removed.
+/// Deletes the routes weft programmed through `oif` that `keep` does not list: marked
+/// with weft's protocol, inside `network`, with a gateway. Returns the destinations removed.
 pub async fn prune_routes(
     handle: &Handle,
     table: &[KernelRoute],
@@ -501,6 +560,7 @@ pub async fn prune_routes(
     let mut removed = Vec::new();
     for route in table {
         let ours = route.oif == Some(oif)
+            && route.is_weft()
             && route.gateway.is_some()
             && route.dst.prefix() >= network.prefix()
             && network.contains(route.dst.network());
@@ -691,6 +751,7 @@ mod tests {
             gateway: gateway.map(|g| g.parse().unwrap()),
             oif: Some(oif),
             metric,
+            protocol: RTPROT_WEFT,
             message: RouteMessage::default(),
         }
     }

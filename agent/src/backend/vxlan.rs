@@ -12,26 +12,41 @@ use netlink_packet_route::link::{InfoKind, InfoVxlan};
 use rtnetlink::{Handle, LinkVxlan};
 use tracing::{info, warn};
 
-use super::netlink::{self, KernelRoute, Link, Route, SkipLog};
-use super::{Backend, Reach};
+use super::netlink::{self, KernelRoute, Link, Route};
+use super::{Backend, Failures};
 use crate::config::VxlanConf;
 use crate::iface::ExtIface;
-use crate::lease::{Lease, LeaseAttrs, LeaseEvent, MacAddr, VxlanBackendData};
+use crate::lease::{Lease, LeaseAttrs, MacAddr, VxlanBackendData};
+use crate::plan::{self, Path, PeerChange, Plan};
 
-/// Bytes VXLAN over IPv4 adds: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
-const VXLAN_OVERHEAD: u32 = 50;
 const BACKEND_TYPE: &str = "vxlan";
 
-/// How one remote lease is reached.
+/// How one remote lease is programmed: through `flannel.<VNI>` (neighbour + FDB entry +
+/// onlink route) or, DirectRouting to a peer on the same L2 segment, a plain route.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Peer {
-    /// Encapsulated through `flannel.<VNI>`: neighbour + FDB entry + onlink route.
     Overlay {
         vtep_mac: MacAddr,
         public_ip: Ipv4Addr,
     },
-    /// DirectRouting to a peer on the same L2 segment: a plain route via its public IP.
-    Direct { public_ip: Ipv4Addr },
+    Direct {
+        public_ip: Ipv4Addr,
+    },
+}
+
+impl From<&plan::Peer> for Peer {
+    fn from(p: &plan::Peer) -> Self {
+        match (p.path, p.vtep_mac) {
+            (Path::Overlay, Some(vtep_mac)) => Peer::Overlay {
+                vtep_mac,
+                public_ip: p.public_ip,
+            },
+            // The planner gives every vxlan peer a MAC; without one only a route can work.
+            _ => Peer::Direct {
+                public_ip: p.public_ip,
+            },
+        }
+    }
 }
 
 pub struct VxlanBackend {
@@ -46,15 +61,13 @@ pub struct VxlanBackend {
     own: Option<Ipv4Network>,
     /// What was programmed per remote subnet, so that removal knows the MAC.
     programmed: HashMap<Ipv4Network, Peer>,
-    skipped: SkipLog,
 }
 
 impl VxlanBackend {
     pub fn new(conf: VxlanConf, network: Ipv4Network, ext: ExtIface, handle: Handle) -> Self {
-        let underlay_mtu = if conf.mtu != 0 { conf.mtu } else { ext.mtu };
         VxlanBackend {
             device: format!("flannel.{}", conf.vni),
-            mtu: underlay_mtu.saturating_sub(VXLAN_OVERHEAD),
+            mtu: plan::vxlan_mtu(&conf, &ext),
             conf,
             network,
             ext,
@@ -62,7 +75,6 @@ impl VxlanBackend {
             vtep_mac: None,
             own: None,
             programmed: HashMap::new(),
-            skipped: SkipLog::default(),
         }
     }
 
@@ -182,49 +194,6 @@ impl VxlanBackend {
         Ok(link)
     }
 
-    /// How to reach `lease`, or None (with a warning, once) if it cannot be used.
-    async fn peer_for(&mut self, lease: &Lease) -> Result<Option<Peer>> {
-        if Some(lease.subnet) == self.own {
-            return Ok(None);
-        }
-        let attrs = &lease.attrs;
-        let skip = if attrs.backend_type != BACKEND_TYPE {
-            Some(format!(
-                "its backend is {:?}, not vxlan",
-                attrs.backend_type
-            ))
-        } else if attrs.vxlan().is_none() {
-            Some(format!(
-                "its BackendData {:?} has no VtepMAC",
-                attrs.backend_data
-            ))
-        } else {
-            None
-        };
-        if let Some(why) = skip {
-            if self.skipped.report(lease.subnet, &why) {
-                warn!(
-                    "ignoring the lease of {} (node {}): {why}",
-                    lease.subnet, attrs.public_ip
-                );
-            }
-            return Ok(None);
-        }
-        self.skipped.clear(&lease.subnet);
-        let vtep_mac = attrs.vxlan().map(|d| d.vtep_mac).unwrap_or_default();
-        if self.conf.direct_routing
-            && netlink::on_link(&self.handle, attrs.public_ip, self.ext.index).await?
-        {
-            return Ok(Some(Peer::Direct {
-                public_ip: attrs.public_ip,
-            }));
-        }
-        Ok(Some(Peer::Overlay {
-            vtep_mac,
-            public_ip: attrs.public_ip,
-        }))
-    }
-
     fn overlay_route(subnet: Ipv4Network, dev: u32) -> Route {
         Route {
             dst: subnet,
@@ -288,7 +257,6 @@ impl VxlanBackend {
     /// programmed (the MAC then comes from the neighbour entry).
     async fn remove(&mut self, subnet: Ipv4Network) -> Result<()> {
         let remembered = self.programmed.remove(&subnet);
-        self.skipped.clear(&subnet);
         let h = &self.handle;
         let dev = netlink::link_by_name(h, &self.device)
             .await?
@@ -357,46 +325,40 @@ impl Backend for VxlanBackend {
         Ok(())
     }
 
-    async fn apply(&mut self, event: &LeaseEvent) -> Result<()> {
-        match event {
-            LeaseEvent::Added(lease) => {
-                let Some(peer) = self.peer_for(lease).await? else {
-                    return Ok(());
-                };
+    async fn apply(&mut self, change: &PeerChange) -> Result<()> {
+        match change {
+            PeerChange::Set(peer) => {
                 let dev = self.ready_device().await?.index;
                 let table = netlink::routes(&self.handle).await?;
-                self.program(lease.subnet, peer, dev, &table)
+                self.program(peer.subnet, peer.into(), dev, &table)
                     .await
                     .with_context(|| {
                         format!(
                             "programming the lease of {} (node {})",
-                            lease.subnet, lease.attrs.public_ip
+                            peer.subnet, peer.public_ip
                         )
                     })
             }
-            LeaseEvent::Removed(subnet) => self
+            PeerChange::Removed(subnet) => self
                 .remove(*subnet)
                 .await
                 .with_context(|| format!("removing the lease of {subnet}")),
         }
     }
 
-    async fn resync(&mut self, leases: &[Lease]) -> Result<()> {
+    async fn resync(&mut self, plan: &Plan) -> Result<()> {
         let dev = self.ready_device().await?.index;
         if let Some(own) = self.own {
             netlink::add_addr(&self.handle, dev, own_address(own)).await?;
         }
-        let mut wanted: HashMap<Ipv4Network, Peer> = HashMap::new();
-        for lease in leases {
-            if let Some(peer) = self.peer_for(lease).await? {
-                wanted.insert(lease.subnet, peer);
-            }
-        }
+        let wanted: HashMap<Ipv4Network, Peer> =
+            plan.peers.iter().map(|(s, p)| (*s, p.into())).collect();
         let h = self.handle.clone();
         let table = netlink::routes(&h).await?;
         let neighbours = netlink::neighbours(&h, dev).await?;
         let fdb = netlink::fdb_entries(&h, dev).await?;
 
+        let mut failures = Failures::default();
         for (&subnet, &peer) in &wanted {
             let in_place = match peer {
                 Peer::Overlay {
@@ -417,7 +379,8 @@ impl Backend for VxlanBackend {
             };
             if !in_place {
                 info!("resync: restoring the routes of {subnet} ({peer:?})");
-                self.program(subnet, peer, dev, &table).await?;
+                let result = self.program(subnet, peer, dev, &table).await;
+                failures.record(result.with_context(|| format!("programming {subnet}")));
             }
         }
 
@@ -466,19 +429,12 @@ impl Backend for VxlanBackend {
                 e.mac, self.device
             );
         }
-        // The kernel now holds exactly `wanted`, also the entries found already in place.
+        // The kernel now holds `wanted`, also the entries found already in place.
         self.programmed = wanted;
-        Ok(())
+        failures.into_result("vxlan resync")
     }
 
     fn pod_mtu(&self) -> u32 {
         self.mtu
-    }
-
-    fn reach(&self, subnet: Ipv4Network) -> Option<Reach> {
-        self.programmed.get(&subnet).map(|peer| match peer {
-            Peer::Overlay { .. } => Reach::Overlay,
-            Peer::Direct { .. } => Reach::Direct,
-        })
     }
 }

@@ -3,9 +3,10 @@
 //! The kernel backend (flannel.<VNI> + neighbours/FDB/routes, or host-gw routes) stays
 //! installed exactly as in kernel mode: host traffic, unknown endpoints and everything the
 //! programs pass go through it, nodes without BPF interoperate, and falling back is trivial.
-//! On top of it the maps mirror what the kernel backend decided: a lease is in `leases`
-//! exactly when the kernel backend routes it, in the mode it reaches it (through
-//! flannel.<VNI>: VXLAN; by a direct route: direct), as `Backend::reach` reports.
+//! On top of it the maps hold the same peer plan the kernel backend reconciles
+//! ([`crate::plan`]): a lease is in `leases` exactly when the plan has it as a peer, in the
+//! path it gives (through flannel.<VNI>: VXLAN; by a direct route: direct). A peer that
+//! does not fit in the map stays on the kernel path, and is counted.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -28,10 +29,11 @@ use weft_common::{
 
 use super::endpoints::PodWatcher;
 use super::{policy, read_counters, tc, BpfOptions};
-use crate::backend::{Backend, Reach};
+use crate::backend::Backend;
 use crate::config::{BackendConf, NetConf, VxlanConf};
 use crate::iface::ExtIface;
-use crate::lease::{Lease, LeaseAttrs, LeaseEvent};
+use crate::lease::{Lease, LeaseAttrs};
+use crate::plan::{Path, Peer, PeerChange, Plan};
 
 pub(crate) type LeaseMap = LpmTrie<MapData, [u8; 4], LeaseEntry>;
 pub(crate) type PeerMap = HashMap<MapData, PeerKey, PeerEntry>;
@@ -71,6 +73,8 @@ pub struct BpfDataplane {
     /// What `register` returned (the config is rewritten when the fast path switches).
     attrs: Option<LeaseAttrs>,
     fast_path: FastPath,
+    /// Peers of the last plan that the lease map had no room for.
+    lease_overflow: u64,
 }
 
 impl BpfDataplane {
@@ -115,6 +119,7 @@ impl BpfDataplane {
             uplink_attached: false,
             attrs: None,
             fast_path: FastPath::on("not checked yet"),
+            lease_overflow: 0,
         })
     }
 
@@ -146,31 +151,11 @@ impl BpfDataplane {
         Ok(())
     }
 
-    /// The lease entries for `leases`: those the kernel backend routes, in the mode it
-    /// reaches them (its own decision, e.g. DirectRouting's same-L2 test, is not repeated).
-    fn wanted_entries(&self, leases: &[Lease]) -> BTreeMap<Ipv4Network, LeaseEntry> {
-        leases
+    /// The lease entries of the plan's peers.
+    fn wanted_entries(plan: &Plan) -> BTreeMap<Ipv4Network, LeaseEntry> {
+        plan.peers
             .iter()
-            .filter(|l| Some(l.subnet) != self.own)
-            .filter_map(|lease| {
-                let mode = match self.kernel.reach(lease.subnet)? {
-                    Reach::Overlay => LEASE_VXLAN,
-                    Reach::Direct => LEASE_DIRECT,
-                };
-                Some((
-                    lease.subnet,
-                    LeaseEntry {
-                        public_ip: lease.attrs.public_ip.octets(),
-                        mode,
-                        vtep_mac: lease
-                            .attrs
-                            .vxlan()
-                            .map(|d| d.vtep_mac.0)
-                            .unwrap_or_default(),
-                        _pad: [0; 2],
-                    },
-                ))
-            })
+            .map(|(subnet, peer)| (*subnet, lease_entry(peer)))
             .collect()
     }
 
@@ -183,9 +168,14 @@ impl BpfDataplane {
         let key = lease_key(subnet);
         match entry {
             Some(entry) => {
-                self.leases
-                    .insert(&key, entry, 0)
-                    .with_context(|| format!("adding {subnet} to the BPF lease map"))?;
+                match self.leases.insert(&key, entry, 0) {
+                    Err(e) if map_full(&e) => {
+                        self.note_overflow(self.lease_overflow + 1);
+                        return Ok(());
+                    }
+                    other => other,
+                }
+                .with_context(|| format!("adding {subnet} to the BPF lease map"))?;
                 self.programmed.insert(subnet, entry);
                 debug!(%subnet, node = %Ipv4Addr::from(entry.public_ip), mode = mode_name(entry.mode), "BPF lease set");
             }
@@ -217,14 +207,26 @@ impl BpfDataplane {
                 info!("resync: removed {subnet} from the BPF lease map: no lease routes it (entry {entry:?})");
             }
         }
+        let mut wanted = wanted;
+        let mut overflow = Vec::new();
         for (subnet, entry) in &wanted {
             if actual.get(subnet) != Some(entry) {
-                self.leases.insert(&lease_key(*subnet), *entry, 0)?;
-                if actual.contains_key(subnet) {
-                    info!("resync: corrected {subnet} in the BPF lease map");
+                match self.leases.insert(&lease_key(*subnet), *entry, 0) {
+                    Err(e) if map_full(&e) => overflow.push(*subnet),
+                    Err(e) => {
+                        return Err(e).context(format!("adding {subnet} to the BPF lease map"))
+                    }
+                    Ok(()) if actual.contains_key(subnet) => {
+                        info!("resync: corrected {subnet} in the BPF lease map")
+                    }
+                    Ok(()) => {}
                 }
             }
         }
+        for subnet in &overflow {
+            wanted.remove(subnet);
+        }
+        self.note_overflow(overflow.len() as u64);
         let counts = peer_counts(&wanted);
         let actual_peers: BTreeMap<[u8; 4], u32> = self
             .peers
@@ -245,6 +247,22 @@ impl BpfDataplane {
         }
         self.programmed = wanted;
         Ok(())
+    }
+
+    /// Records how many peers the lease map has no room for, saying so when it changes.
+    fn note_overflow(&mut self, peers: u64) {
+        if peers != self.lease_overflow {
+            if peers > 0 {
+                warn!(
+                    "the BPF lease map is full: {peers} peers stay on the kernel path (their \
+                     traffic works, without the fast path); the map holds {} leases",
+                    weft_common::MAX_LEASES
+                );
+            } else {
+                info!("every peer fits in the BPF lease map again");
+            }
+        }
+        self.lease_overflow = peers;
     }
 
     /// Attaches `from_netdev` and `to_netdev` to the uplink unless they already run there.
@@ -327,6 +345,25 @@ fn mode_name(mode: u32) -> &'static str {
     }
 }
 
+fn lease_entry(peer: &Peer) -> LeaseEntry {
+    LeaseEntry {
+        public_ip: peer.public_ip.octets(),
+        mode: match peer.path {
+            Path::Overlay => LEASE_VXLAN,
+            Path::Direct => LEASE_DIRECT,
+        },
+        vtep_mac: peer.vtep_mac.map(|m| m.0).unwrap_or_default(),
+        _pad: [0; 2],
+    }
+}
+
+/// Whether an insert failed because the map has no room (hash maps: E2BIG; LPM tries:
+/// ENOSPC).
+pub(crate) fn map_full(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s)
+        if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)))
+}
+
 fn lease_key(subnet: Ipv4Network) -> Key<[u8; 4]> {
     Key::new(u32::from(subnet.prefix()), subnet.network().octets())
 }
@@ -392,22 +429,18 @@ impl Backend for BpfDataplane {
         Ok(())
     }
 
-    async fn apply(&mut self, event: &LeaseEvent) -> Result<()> {
-        let kernel = self.kernel.apply(event).await;
-        let maps = match event {
-            LeaseEvent::Added(lease) => {
-                let mut wanted = self.wanted_entries(std::slice::from_ref(lease));
-                self.set_lease(lease.subnet, wanted.remove(&lease.subnet))
-            }
-            LeaseEvent::Removed(subnet) => self.set_lease(*subnet, None),
+    async fn apply(&mut self, change: &PeerChange) -> Result<()> {
+        let kernel = self.kernel.apply(change).await;
+        let maps = match change {
+            PeerChange::Set(peer) => self.set_lease(peer.subnet, Some(lease_entry(peer))),
+            PeerChange::Removed(subnet) => self.set_lease(*subnet, None),
         };
         kernel.and(maps)
     }
 
-    async fn resync(&mut self, leases: &[Lease]) -> Result<()> {
-        let kernel = self.kernel.resync(leases).await;
-        let wanted = self.wanted_entries(leases);
-        self.sync_maps(wanted)?;
+    async fn resync(&mut self, plan: &Plan) -> Result<()> {
+        let kernel = self.kernel.resync(plan).await;
+        self.sync_maps(Self::wanted_entries(plan))?;
         // After the maps: the check runs three short processes, and `register` made the
         // first decision before any program ran.
         self.check_forward_filters()?;
@@ -424,8 +457,8 @@ impl Backend for BpfDataplane {
         self.kernel.pod_mtu()
     }
 
-    fn reach(&self, subnet: Ipv4Network) -> Option<Reach> {
-        self.kernel.reach(subnet)
+    fn overflow(&self) -> Vec<(&'static str, u64)> {
+        vec![(MAP_LEASES, self.lease_overflow)]
     }
 
     fn fast_path(&self) -> Option<(bool, String)> {

@@ -265,7 +265,7 @@ impl EtcdSubnetManager {
         let attrs = match serde_json::from_slice::<LeaseAttrs>(kv.value()) {
             Ok(attrs) => Some(attrs),
             Err(e) if !kv.value().is_empty() => {
-                warn!(%key, error = %e, "lease value is not flannel's lease JSON; treating the subnet as taken");
+                warn!(%key, error = %e, "lease value is not flannel's lease JSON: no peer is programmed for it, the subnet counts as taken");
                 None
             }
             Err(_) => None,
@@ -548,8 +548,9 @@ impl EtcdSubnetManager {
                         subnet: stored.subnet,
                         attrs,
                     }),
-                    (true, None) => continue,
-                    (false, _) => LeaseEvent::Removed(stored.subnet),
+                    // A garbled value (warned about in parse_kv) must not leave the
+                    // previous peer programmed: the key no longer says where it is.
+                    (true, None) | (false, _) => LeaseEvent::Removed(stored.subnet),
                 };
                 debug!(?event, "lease change");
                 if tx.send(LeaseWatchEvent::Event(event)).await.is_err() {
