@@ -690,6 +690,41 @@ fn a_restarted_dataplane_adopts_the_maps_and_replaces_filters_in_place() -> Resu
 }
 
 #[test]
+fn peers_beyond_the_lease_map_stay_on_the_kernel_path_and_are_counted() -> Result<()> {
+    let mut lab = Lab::new("overflow")?;
+    let nodes = lab.cluster(1)?;
+    let dir = lab.pin_dir();
+    let (ns, subnet) = (nodes[0].ns.clone(), nodes[0].subnet);
+    in_node(&ns.clone(), move || async move {
+        // Network /16 at SubnetLen 24: the lease map holds 256 entries; 300 /28 leases
+        // (valid, if not what SubnetLen says) cannot all fit.
+        let conf = vxlan_conf(false);
+        let (mut dataplane, _) = bpf_node(&dir, subnet, &conf, None).await?;
+        let leases: Vec<Lease> = (0..300u32)
+            .map(|i| {
+                let net = format!("10.244.{}.{}/28", 100 + i / 16, (i % 16) * 16);
+                synthetic_lease(&net, "198.18.0.12")
+            })
+            .collect();
+        dataplane.resync(&leases).await?;
+        ensure!(
+            dataplane.overflow() == vec![(MAP_LEASES, 44)],
+            "{:?}",
+            dataplane.overflow()
+        );
+        ensure!(dump(&dir, MAP_LEASES)?.len() == 256);
+        // Every peer has its kernel route: the 44 without room keep the kernel path.
+        let routes = ip(&ns, &["route", "show", "proto", "87"])?;
+        ensure!(routes.lines().count() == 300, "{routes}");
+        // Removing peers makes room again.
+        dataplane.resync(&leases[..200]).await?;
+        ensure!(dataplane.overflow() == vec![(MAP_LEASES, 0)]);
+        ensure!(dump(&dir, MAP_LEASES)?.len() == 200);
+        Ok(())
+    })
+}
+
+#[test]
 fn cleanup_removes_what_weft_installed_and_nothing_else() -> Result<()> {
     let mut lab = Lab::new("cleanup")?;
     let nodes = lab.cluster(1)?;

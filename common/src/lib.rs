@@ -79,9 +79,11 @@ pub const ALL_PROGRAMS: [(&str, Attach); 4] = [
 /// components use (kube-proxy 0x4000 and 0x8000, portmap 0x2000, Calico 0xffff0000).
 pub const FAST_PATH_MARK: u32 = 0x0000_1000;
 
-/// Capacity of the lease and peer maps (one entry per node of the cluster).
+/// Capacity of the lease and peer maps in the object (one entry per node of the cluster).
+/// The agent sizes them at load time from Network and SubnetLen.
 pub const MAX_LEASES: u32 = 16384;
-/// Capacity of the endpoint map (local pods).
+/// Capacity of the endpoint map in the object (local pods); sized at load time from
+/// SubnetLen.
 pub const MAX_ENDPOINTS: u32 = 4096;
 /// Capacity of the stack-flow map: connections this node's stack carries for its pods
 /// (least recently used ones are evicted first).

@@ -255,8 +255,8 @@ impl BpfDataplane {
             if peers > 0 {
                 warn!(
                     "the BPF lease map is full: {peers} peers stay on the kernel path (their \
-                     traffic works, without the fast path); the map holds {} leases",
-                    weft_common::MAX_LEASES
+                     traffic works, without the fast path); the map is sized for the subnets \
+                     of Network at SubnetLen in net-conf.json"
                 );
             } else {
                 info!("every peer fits in the BPF lease map again");

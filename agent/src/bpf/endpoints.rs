@@ -336,19 +336,27 @@ impl Watcher {
                 debug!(pod = %ip, "endpoint removed");
             }
         }
+        let mut wanted = wanted;
+        let mut no_room = Vec::new();
         for (ip, entry) in &wanted {
             if self.learned.get(ip) != Some(entry) {
-                self.endpoints
-                    .insert(
-                        EndpointKey {
-                            pod_ip: ip.octets(),
-                        },
-                        *entry,
-                        0,
-                    )
-                    .with_context(|| format!("adding endpoint {ip}"))?;
+                let key = EndpointKey {
+                    pod_ip: ip.octets(),
+                };
+                match self.endpoints.insert(key, *entry, 0) {
+                    // The map is sized for every address of the node's subnet: this only
+                    // happens with pods outside it. They keep the kernel path.
+                    Err(e) if super::dataplane::map_full(&e) => no_room.push(*ip),
+                    other => other.with_context(|| format!("adding endpoint {ip}"))?,
+                }
                 debug!(pod = %ip, ifindex = entry.ifindex, pod_mac = %MacAddr(entry.pod_mac), "endpoint learned");
             }
+        }
+        if !no_room.is_empty() {
+            warn!("the BPF endpoint map is full: pods {no_room:?} stay on the kernel path");
+        }
+        for ip in no_room {
+            wanted.remove(&ip);
         }
         self.learned = wanted;
         Ok(())

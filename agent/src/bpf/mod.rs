@@ -73,7 +73,11 @@ pub async fn select_dataplane(
     let kernel = backend::kernel_backend(conf, ext, handle.clone());
     let why_kernel = match choice {
         DataplaneChoice::Kernel => "kernel (chosen by --dataplane=kernel)".to_string(),
-        DataplaneChoice::Auto | DataplaneChoice::Bpf => match object::load(object, &options.dir) {
+        DataplaneChoice::Auto | DataplaneChoice::Bpf => match object::load(
+            object,
+            &options.dir,
+            object::MapSizes::for_network(conf.network.prefix(), conf.subnet_len),
+        ) {
             Ok(ebpf) => {
                 let dataplane =
                     BpfDataplane::new(kernel, ebpf, conf, ext, handle, options.clone())?;

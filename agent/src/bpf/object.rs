@@ -8,7 +8,7 @@ use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, warn};
 
-use weft_common::{ALL_MAPS, ALL_PROGRAMS};
+use weft_common::{ALL_MAPS, ALL_PROGRAMS, MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS};
 
 use super::bpffs;
 
@@ -24,12 +24,45 @@ pub const NOT_BUILT_IN: &str = "this weft binary was built without the eBPF obje
 /// Loads `object` with its maps pinned under `dir` and every program verified by the
 /// kernel. Maps already pinned there are adopted (their contents survive a restart) unless
 /// their layout differs from the object's: those are unpinned and created afresh.
-pub fn load(object: &[u8], dir: &Path) -> Result<Ebpf> {
+/// How many entries the sized maps hold: they follow from net-conf.json, so that a
+/// cluster's every possible lease and a node's every possible pod fit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// `leases` and `peers`: one entry per possible subnet of Network at SubnetLen.
+    pub leases: u32,
+    /// `endpoints`: one per address of a SubnetLen subnet.
+    pub endpoints: u32,
+}
+
+impl MapSizes {
+    pub const MIN: u32 = 256;
+    pub const MAX_LEASES: u32 = 1 << 18;
+    pub const MAX_ENDPOINTS: u32 = 1 << 16;
+
+    pub fn for_network(network_prefix: u8, subnet_len: u8) -> MapSizes {
+        let pow = |bits: u32| 1u64.checked_shl(bits).unwrap_or(u64::MAX);
+        let subnets = pow(u32::from(subnet_len.saturating_sub(network_prefix)));
+        let addresses = pow(u32::from(32u8.saturating_sub(subnet_len)));
+        let clamp = |n: u64, max: u32| n.clamp(u64::from(Self::MIN), u64::from(max)) as u32;
+        MapSizes {
+            leases: clamp(subnets, Self::MAX_LEASES),
+            endpoints: clamp(addresses, Self::MAX_ENDPOINTS),
+        }
+    }
+
+    fn apply(&self, loader: &mut EbpfLoader) {
+        loader.map_max_entries(MAP_LEASES, self.leases);
+        loader.map_max_entries(MAP_PEERS, self.leases);
+        loader.map_max_entries(MAP_ENDPOINTS, self.endpoints);
+    }
+}
+
+pub fn load(object: &[u8], dir: &Path, sizes: MapSizes) -> Result<Ebpf> {
     if object.is_empty() {
         bail!(NOT_BUILT_IN);
     }
     bpffs::ensure_pin_dir(dir)?;
-    unpin_incompatible(object, dir)?;
+    unpin_incompatible(object, dir, sizes)?;
     let pins: Vec<_> = ALL_MAPS
         .iter()
         .map(|name| (*name, bpffs::pin_path(dir, name)))
@@ -37,6 +70,7 @@ pub fn load(object: &[u8], dir: &Path) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     // Maps the object marks "pin by name" go to `dir` too, never to /sys/fs/bpf.
     loader.default_map_pin_directory(dir);
+    sizes.apply(&mut loader);
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
@@ -128,7 +162,7 @@ fn map_data(map: &Map) -> Option<&MapData> {
 
 /// Unpins the maps under `dir` whose layout differs from the one `object` declares (a weft
 /// upgrade that changed a map), so that loading creates them afresh.
-fn unpin_incompatible(object: &[u8], dir: &Path) -> Result<()> {
+fn unpin_incompatible(object: &[u8], dir: &Path, sizes: MapSizes) -> Result<()> {
     let pinned: Vec<&str> = ALL_MAPS
         .into_iter()
         .filter(|name| bpffs::pin_path(dir, name).exists())
@@ -142,9 +176,10 @@ fn unpin_incompatible(object: &[u8], dir: &Path) -> Result<()> {
     // (bpffs refuses names with a dot.)
     let scratch = dir.join(format!("probe-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
-    let fresh = EbpfLoader::new()
-        .default_map_pin_directory(&scratch)
-        .load(object);
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(&scratch);
+    sizes.apply(&mut loader);
+    let fresh = loader.load(object);
     if let Ok(entries) = std::fs::read_dir(&scratch) {
         for entry in entries.flatten() {
             bpffs::unpin(&entry.path())?;
@@ -176,4 +211,23 @@ fn unpin_incompatible(object: &[u8], dir: &Path) -> Result<()> {
         bpffs::unpin(&path)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_sizes_follow_network_and_subnet_len() {
+        let sizes = |p, l| {
+            let s = MapSizes::for_network(p, l);
+            (s.leases, s.endpoints)
+        };
+        assert_eq!(sizes(16, 24), (256, 256));
+        assert_eq!(sizes(8, 24), (65536, 256));
+        assert_eq!(sizes(16, 26), (1024, 256));
+        assert_eq!(sizes(12, 20), (256, 4096));
+        assert_eq!(sizes(0, 32), (MapSizes::MAX_LEASES, 256));
+        assert_eq!(sizes(16, 8), (256, MapSizes::MAX_ENDPOINTS));
+    }
 }
