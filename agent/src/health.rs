@@ -1,35 +1,46 @@
 //! The health server (`--healthz-ip`, `--healthz-port`): `/healthz`, `/readyz`, `/metrics`.
 //!
 //! - `GET /healthz`: 200 `ok` while the process serves (flannel's meaning: a liveness probe),
-//! - `GET /readyz`: 200 `ok` once the lease, the dataplane and subnet.env are in place, else
-//!   503 naming what is missing,
+//! - `GET /readyz`: 200 `ok` once the lease, the dataplane, subnet.env and every peer are in
+//!   place, else 503 naming what is missing or failed,
 //! - `GET /metrics`: the Prometheus text format 0.0.4 (see [`crate::metrics`]).
 //!
-//! A minimal HTTP/1.1 server: one request per connection (`Connection: close`), headers
-//! bounded in size and time, a bounded number of connections, so a slow or hostile client
-//! costs a task and a socket for a few seconds and never the agent's event loop.
+//! Served by axum on hyper, one task per connection, with bounds on everything a client
+//! controls: the time to send a request head and its size (hyper), the time to answer
+//! (tower-http), and how many scrapes render at once. No connection limit: a client holding
+//! many idle connections costs a socket each for a few seconds, and never keeps a probe from
+//! being answered.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tower::limit::ConcurrencyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
 use tracing::{debug, info, warn};
 
 use crate::metrics::AgentState;
 
-/// Largest request head (request line and headers) accepted.
+/// Largest request head (request line and headers) accepted (hyper's smallest buffer).
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// Time a client has to send its request head.
+/// Time a client has to send its request head; an idle connection is closed after it.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Time a client has to take the response.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 64;
+/// Time to produce an answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest life of one connection, response delivery included.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Scrapes of /metrics rendered at once (each reads the BPF counters).
+const CONCURRENT_SCRAPES: usize = 4;
 
 /// A running health server. It stops with the runtime, or with [`HealthServer::stop`].
 pub struct HealthServer {
@@ -72,12 +83,32 @@ pub async fn serve(addr: SocketAddr, state: Arc<AgentState>) -> Result<HealthSer
     })?;
     let local_addr = listener.local_addr()?;
     info!(addr = %local_addr, "health server listening (/healthz, /readyz, /metrics)");
-    let task = tokio::spawn(accept_loop(listener, state));
+    let task = tokio::spawn(accept_loop(listener, router(state)));
     Ok(HealthServer { local_addr, task })
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<AgentState>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+fn router(state: Arc<AgentState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(metrics).layer(ConcurrencyLimitLayer::new(CONCURRENT_SCRAPES)),
+        )
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "not found: try /healthz, /readyz or /metrics\n",
+            )
+        })
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ANSWER_TIMEOUT,
+        ))
+        .with_state(state)
+}
+
+async fn accept_loop(listener: TcpListener, app: Router) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -88,235 +119,52 @@ async fn accept_loop(listener: TcpListener, state: Arc<AgentState>) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!(%peer, "health server: too many connections, closing this one");
-            continue;
-        };
-        let state = state.clone();
+        let service = TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &state).await {
-                debug!(%peer, "health server: {e:#}");
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(READ_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_BYTES)
+                // A client that half-closes after its request still gets the answer.
+                .half_close(true)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, "health server: {e}"),
+                Err(_) => debug!(%peer, "health server: connection open too long, closed"),
             }
-            drop(slot);
         });
     }
 }
 
-/// A response: status, content type, body.
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    body: String,
-    /// Extra header lines (each ending in CRLF).
-    headers: &'static str,
+async fn readyz(State(state): State<Arc<AgentState>>) -> Response {
+    let missing = state.not_ready();
+    if missing.is_empty() {
+        "ok".into_response()
+    } else {
+        let body = format!("not ready: {}\n", missing.join(", "));
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
 }
 
-impl Response {
-    fn text(status: u16, body: impl Into<String>) -> Response {
-        Response {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: body.into(),
-            headers: "",
+async fn metrics(State(state): State<Arc<AgentState>>) -> Response {
+    // Reading the BPF counters is a few syscalls: keep them off the executor.
+    match tokio::task::spawn_blocking(move || state.render()).await {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            warn!("health server: rendering the metrics failed: {e}");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "rendering the metrics failed\n",
+            )
+                .into_response()
         }
-    }
-}
-
-async fn handle(mut stream: TcpStream, state: &Arc<AgentState>) -> Result<()> {
-    let (response, with_body) =
-        match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-            Err(_elapsed) => (Response::text(408, "request timeout\n"), true),
-            Ok(Err(e)) => return Err(e.context("reading the request")),
-            Ok(Ok(None)) => return Ok(()), // closed without a request
-            Ok(Ok(Some(Err(too_large)))) => (too_large, true),
-            Ok(Ok(Some(Ok(head)))) => match parse_request_line(&head) {
-                Ok((method, path)) => (route(method, path, state).await, method != "HEAD"),
-                Err(malformed) => (malformed, true),
-            },
-        };
-    tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, response, with_body))
-        .await
-        .context("the client did not take the response in time")??;
-    drain(&mut stream).await;
-    Ok(())
-}
-
-/// Reads what the client still sends, briefly: closing a socket with unread input resets
-/// the connection, and the reset can destroy the response before the client reads it.
-async fn drain(stream: &mut TcpStream) {
-    let mut sink = [0u8; 4096];
-    let mut left: usize = 64 * 1024;
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while left > 0 {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => left = left.saturating_sub(n),
-            }
-        }
-    })
-    .await;
-}
-
-/// Reads up to the end of the request head. `Ok(None)`: the client closed without sending
-/// anything. `Err(response)` inside: the head is too large.
-async fn read_head(stream: &mut TcpStream) -> Result<Option<Result<String, Response>>> {
-    let mut head = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            if head.is_empty() {
-                return Ok(None);
-            }
-            // A head cut short: answer what it asked if the request line is complete.
-            return Ok(Some(Ok(String::from_utf8_lossy(&head).into_owned())));
-        }
-        head.extend_from_slice(&chunk[..n]);
-        if let Some(end) = find_head_end(&head) {
-            head.truncate(end);
-            return Ok(Some(Ok(String::from_utf8_lossy(&head).into_owned())));
-        }
-        if head.len() > MAX_REQUEST_BYTES {
-            return Ok(Some(Err(Response::text(
-                431,
-                format!("request head larger than {MAX_REQUEST_BYTES} bytes\n"),
-            ))));
-        }
-    }
-}
-
-/// Where the head ends: the first empty line (CRLF CRLF, or bare LF LF).
-fn find_head_end(bytes: &[u8]) -> Option<usize> {
-    let crlf = bytes.windows(4).position(|w| w == b"\r\n\r\n");
-    let lf = bytes.windows(2).position(|w| w == b"\n\n");
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// `METHOD SP target SP HTTP/1.x` → (method, path without the query).
-fn parse_request_line(head: &str) -> Result<(&str, &str), Response> {
-    let line = head.lines().next().unwrap_or("");
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(Response::text(400, "malformed request line\n"));
-    };
-    if !version.starts_with("HTTP/1.") || method.is_empty() || !target.starts_with('/') {
-        return Err(Response::text(400, "malformed request line\n"));
-    }
-    let path = target.split_once('?').map_or(target, |(path, _)| path);
-    Ok((method, path))
-}
-
-async fn route(method: &str, path: &str, state: &Arc<AgentState>) -> Response {
-    let known = matches!(path, "/healthz" | "/readyz" | "/metrics");
-    if !known {
-        return Response::text(404, "not found: try /healthz, /readyz or /metrics\n");
-    }
-    if method != "GET" && method != "HEAD" {
-        return Response {
-            headers: "Allow: GET, HEAD\r\n",
-            ..Response::text(405, "method not allowed: use GET\n")
-        };
-    }
-    match path {
-        "/healthz" => Response::text(200, "ok"),
-        "/readyz" => {
-            let missing = state.not_ready();
-            if missing.is_empty() {
-                Response::text(200, "ok")
-            } else {
-                Response::text(503, format!("not ready: {}\n", missing.join(", ")))
-            }
-        }
-        _ => {
-            // Reading the BPF counters is a few syscalls: keep them off the executor.
-            let state = state.clone();
-            match tokio::task::spawn_blocking(move || state.render()).await {
-                Ok(text) => Response {
-                    content_type: "text/plain; version=0.0.4; charset=utf-8",
-                    ..Response::text(200, text)
-                },
-                Err(e) => {
-                    warn!("health server: rendering the metrics failed: {e}");
-                    Response::text(500, "rendering the metrics failed\n")
-                }
-            }
-        }
-    }
-}
-
-async fn respond(stream: &mut TcpStream, response: Response, with_body: bool) -> Result<()> {
-    let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n",
-        response.status,
-        reason_phrase(response.status),
-        response.content_type,
-        response.body.len(),
-        response.headers,
-    );
-    stream.write_all(head.as_bytes()).await?;
-    if with_body {
-        stream.write_all(response.body.as_bytes()).await?;
-    }
-    stream.shutdown().await?;
-    Ok(())
-}
-
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "Internal Server Error",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_lines() {
-        assert_eq!(
-            parse_request_line("GET /metrics?x=1 HTTP/1.1\r\nHost: a").ok(),
-            Some(("GET", "/metrics"))
-        );
-        assert_eq!(
-            parse_request_line("HEAD /healthz HTTP/1.0").ok(),
-            Some(("HEAD", "/healthz"))
-        );
-        for bad in [
-            "",
-            "GET",
-            "GET /healthz",
-            "GET /healthz HTTP/2",
-            "GET healthz HTTP/1.1",
-            "GET  /healthz HTTP/1.1",
-            "\u{0}\u{1} x y",
-        ] {
-            assert_eq!(
-                parse_request_line(bad).err().map(|r| r.status),
-                Some(400),
-                "{bad:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn the_head_ends_at_the_first_empty_line() {
-        assert_eq!(
-            find_head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nbody"),
-            Some(20)
-        );
-        assert_eq!(find_head_end(b"GET / HTTP/1.1\n\n"), Some(14));
-        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n"), None);
     }
 }
