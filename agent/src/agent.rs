@@ -150,6 +150,7 @@ async fn event_loop(
         tokio::time::interval_at(tokio::time::Instant::now() + resync_period, resync_period);
     let mut firewall_resync =
         tokio::time::interval(Duration::from_secs(args.iptables_resync.max(1)));
+    let mut heartbeat = tokio::time::interval(bpf_options(args).heartbeat());
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
@@ -189,6 +190,11 @@ async fn event_loop(
                 }
             },
             _ = resync.tick(), if listed => resync_dataplane(dataplane, &leases, state).await,
+            _ = heartbeat.tick() => {
+                if let Err(e) = dataplane.heartbeat() {
+                    error!("refreshing the dataplane's config failed: {e:#}");
+                }
+            }
             _ = firewall_resync.tick() => {
                 if let Err(e) = firewall.ensure(spec) {
                     error!("repairing {} rules failed: {e:#}", firewall.name());
@@ -318,6 +324,7 @@ fn bpf_options(args: &AgentArgs) -> BpfOptions {
         dir: args.bpf_dir.clone(),
         pod_bridge: args.pod_bridge.clone(),
         force_fast_path: args.dataplane == bpf::DataplaneChoice::Bpf,
+        stale_after: Duration::from_secs(args.bpf_stale_after),
     }
 }
 

@@ -153,6 +153,10 @@ impl Dataplane {
         self.backend.fast_path()
     }
 
+    pub fn heartbeat(&mut self) -> Result<()> {
+        self.backend.heartbeat()
+    }
+
     pub fn overflow(&self) -> Vec<(&'static str, u64)> {
         self.backend.overflow()
     }

@@ -260,6 +260,7 @@ fn options(dir: &Path) -> BpfOptions {
         dir: dir.to_path_buf(),
         pod_bridge: "cni0".to_string(),
         force_fast_path: true,
+        stale_after: std::time::Duration::from_secs(60),
     }
 }
 

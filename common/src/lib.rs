@@ -164,6 +164,12 @@ pub struct DataplaneConfig {
     /// This node's VTEP MAC: inner source MAC of encapsulated packets.
     pub vtep_mac: [u8; 6],
     pub _pad2: [u8; 2],
+    pub _pad3: [u8; 4],
+    /// When the agent last wrote this entry (CLOCK_MONOTONIC ns, `bpf_ktime_get_ns`'s clock).
+    pub refreshed_ns: u64,
+    /// How long after `refreshed_ns` the agent counts as gone and every packet takes the
+    /// kernel path (0: never).
+    pub stale_after_ns: u64,
 }
 
 /// A connection, the same key for both of its directions: the two ends ordered, the one
@@ -219,6 +225,10 @@ pub struct FlowEntry {
 /// (the agent found netfilter rules that filter forwarded pod traffic, which the fast path
 /// would bypass). Zero, the default, is "on".
 pub const CONFIG_FAST_PATH_OFF: u16 = 1;
+/// `DataplaneConfig::flags`: some peers' leases did not fit in the `leases` map, so a
+/// VXLAN packet whose inner source is in no lease may be theirs: it goes to the kernel
+/// path instead of being dropped as spoofed.
+pub const CONFIG_LEASES_INCOMPLETE: u16 = 2;
 
 /// Index of one datapath counter in the `counters` map. Each slot holds a `u64`
 /// per CPU; readers sum over CPUs.
@@ -237,8 +247,9 @@ pub enum Counter {
     Passed = 4,
     /// VXLAN from an address that holds no lease.
     DropUnknownPeer = 5,
-    /// VXLAN on our port with another VNI or without the VNI flag.
-    DropWrongVni = 6,
+    /// VXLAN on our port with another VNI or without the VNI flag: another device's, left
+    /// to the kernel.
+    ForeignVni = 6,
     /// VXLAN on our port too short to hold its headers.
     DropMalformed = 7,
     /// A kernel helper refused to resize or rewrite the packet.
@@ -248,22 +259,36 @@ pub enum Counter {
     StackFlow = 9,
     /// Connections recorded as the stack's (to_pod, to_netdev).
     FlowRecorded = 10,
+    /// VXLAN from a peer whose inner source lies outside that peer's lease (dropped).
+    DropSpoofedInner = 11,
+    /// Pod packets whose source is not the pod behind the veth (from_pod): kernel path.
+    SourceNotPod = 12,
+    /// Unencapsulated packets for a local pod not sent by a direct lease's node from its
+    /// public IP (from_netdev): kernel path.
+    NotFromLeaseNode = 13,
+    /// Packets handed to the kernel path because the agent stopped refreshing the
+    /// dataplane (fail-safe).
+    AgentGone = 14,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 15] = [
         Counter::Encap,
         Counter::DirectOut,
         Counter::Decap,
         Counter::DirectIn,
         Counter::Passed,
         Counter::DropUnknownPeer,
-        Counter::DropWrongVni,
+        Counter::ForeignVni,
         Counter::DropMalformed,
         Counter::DropHelperFailed,
         Counter::StackFlow,
         Counter::FlowRecorded,
+        Counter::DropSpoofedInner,
+        Counter::SourceNotPod,
+        Counter::NotFromLeaseNode,
+        Counter::AgentGone,
     ];
 
     /// The slot of this counter in the `counters` map.
@@ -280,11 +305,15 @@ impl Counter {
             Counter::DirectIn => "direct_in",
             Counter::Passed => "passed",
             Counter::DropUnknownPeer => "drop_unknown_peer",
-            Counter::DropWrongVni => "drop_wrong_vni",
+            Counter::ForeignVni => "foreign_vni",
             Counter::DropMalformed => "drop_malformed",
             Counter::DropHelperFailed => "drop_helper_failed",
             Counter::StackFlow => "stack_flow",
             Counter::FlowRecorded => "flow_recorded",
+            Counter::DropSpoofedInner => "drop_spoofed_inner",
+            Counter::SourceNotPod => "source_not_pod",
+            Counter::NotFromLeaseNode => "not_from_lease_node",
+            Counter::AgentGone => "agent_gone",
         }
     }
 }

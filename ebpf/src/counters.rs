@@ -24,6 +24,14 @@ pub fn pass() -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Hands the packet to the kernel stack unchanged, counted under `reason` (a pass with a
+/// reason of its own).
+#[inline(always)]
+pub fn pass_as(reason: Counter) -> i32 {
+    count(reason);
+    TC_ACT_UNSPEC
+}
+
 /// Hands a packet of a connection the node's stack carries to the kernel path.
 #[inline(always)]
 pub fn stack_flow() -> i32 {

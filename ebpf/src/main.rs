@@ -14,6 +14,11 @@
 //! Whatever a program cannot handle completely it passes (TC_ACT_UNSPEC)
 //! unchanged, to the kernel path; packets are dropped only for a reason that
 //! has a counter. Each packet is rewritten with a single store where possible.
+//!
+//! What the fast path accepts is narrow on purpose: a pod may send only from its own
+//! address, a peer may tunnel only packets from its own lease, and routed packets are
+//! delivered only from a direct lease's node. If the agent stops refreshing the config
+//! (uninstalled, crash-looping), every program hands every packet to the kernel path.
 #![no_std]
 #![no_main]
 
@@ -28,17 +33,19 @@ mod vxlan;
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC, helpers::generated::bpf_redirect_peer, macros::classifier,
+    bindings::TC_ACT_UNSPEC,
+    helpers::generated::{bpf_ktime_get_ns, bpf_redirect_peer},
+    macros::classifier,
     programs::TcContext,
 };
 use weft_common::{
-    Counter, DataplaneConfig, LeaseEntry, CONFIG_FAST_PATH_OFF, FAST_PATH_MARK, LEASE_DIRECT,
-    LEASE_VXLAN, RECORDED_TO_NETDEV, RECORDED_TO_POD,
+    Counter, DataplaneConfig, LeaseEntry, CONFIG_FAST_PATH_OFF, CONFIG_LEASES_INCOMPLETE,
+    FAST_PATH_MARK, LEASE_DIRECT, LEASE_VXLAN, RECORDED_TO_NETDEV, RECORDED_TO_POD,
 };
 
 use crate::{
-    counters::{count, drop, pass, redirected, stack_flow},
-    parse::{Ipv4Hdr, UdpHdr, ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
+    counters::{count, drop, pass, pass_as, redirected, stack_flow},
+    parse::{EthHdr, Ipv4Hdr, UdpHdr, ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
     route::Macs,
     vxlan::{RewriteError, VxlanPayload},
 };
@@ -51,6 +58,9 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let Some(cfg) = maps::config() else {
         return pass();
     };
+    if agent_gone(&cfg) {
+        return pass_as(Counter::AgentGone);
+    }
     if cfg.flags & CONFIG_FAST_PATH_OFF != 0 {
         return pass();
     }
@@ -60,6 +70,13 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     // The kernel answers TTL expiry with ICMP time-exceeded.
     if ip.ttl <= 1 {
         return pass();
+    }
+    // Only the pod behind this veth sends with its address; anything else is for
+    // rp_filter and the firewall on the kernel path to judge.
+    // SAFETY: reading a field of this program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if maps::endpoint(ip.saddr).is_none_or(|e| e.ifindex != ifindex) {
+        return pass_as(Counter::SourceNotPod);
     }
     if let Some(verdict) = stack_verdict(&ctx, &ip, ETH_HLEN) {
         return verdict;
@@ -155,8 +172,12 @@ pub fn from_netdev(ctx: TcContext) -> i32 {
     let Some(cfg) = maps::config() else {
         return pass();
     };
+    if agent_gone(&cfg) {
+        return pass_as(Counter::AgentGone);
+    }
     let l4_off = ETH_HLEN + ip.header_len();
-    if ip.protocol == IPPROTO_UDP && ip.carries_l4_header() {
+    // Tunnel packets to this node; to another address they are not ours.
+    if ip.protocol == IPPROTO_UDP && ip.carries_l4_header() && ip.daddr == cfg.node_ip {
         if let Some(udp) = parse::read::<UdpHdr>(&ctx, l4_off) {
             if u16::from_be_bytes(udp.dest) == cfg.vxlan_port {
                 return from_tunnel(&ctx, &cfg, &ip, l4_off + size_of::<UdpHdr>());
@@ -166,17 +187,22 @@ pub fn from_netdev(ctx: TcContext) -> i32 {
     if cfg.flags & CONFIG_FAST_PATH_OFF != 0 {
         return pass();
     }
-    from_route(&ctx, ip)
+    from_route(&ctx, &cfg, ip)
+}
+
+/// Whether the agent stopped refreshing the config for longer than it allows: then the
+/// maps may be stale (a new node not yet a peer, say), and the kernel path, which needs no
+/// agent to decapsulate, takes everything.
+#[inline(always)]
+fn agent_gone(cfg: &DataplaneConfig) -> bool {
+    // SAFETY: a helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    cfg.stale_after_ns != 0 && now.wrapping_sub(cfg.refreshed_ns) > cfg.stale_after_ns
 }
 
 /// A UDP packet to the VXLAN port, whose UDP payload starts at `payload_off`.
 #[inline(always)]
 fn from_tunnel(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr, payload_off: usize) -> i32 {
-    // flannel.<VNI> decapsulates from anyone who can reach the port; weft
-    // accepts tunnels only from nodes that hold a lease.
-    if !maps::is_peer(ip.saddr) {
-        return drop(Counter::DropUnknownPeer);
-    }
     // The kernel reassembles fragmented tunnel packets and decapsulates them.
     if ip.is_fragment() {
         return pass();
@@ -184,22 +210,41 @@ fn from_tunnel(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr, payload_off
     let Some(payload) = parse::read::<VxlanPayload>(ctx, payload_off) else {
         return drop(Counter::DropMalformed);
     };
+    // Another VNI on the same port belongs to another device, if any: the kernel's call.
     if !payload.is_vni(cfg.vni) {
-        return drop(Counter::DropWrongVni);
+        return pass_as(Counter::ForeignVni);
     }
-    if payload.inner_eth.proto != ETH_P_IP || cfg.flags & CONFIG_FAST_PATH_OFF != 0 {
+    // flannel.<VNI> decapsulates from anyone who can reach the port; weft
+    // accepts tunnels only from nodes that hold a lease.
+    if !maps::is_peer(ip.saddr) {
+        return drop(Counter::DropUnknownPeer);
+    }
+    if payload.inner_eth.proto != ETH_P_IP {
         return pass();
     }
     let inner_off = payload_off + size_of::<VxlanPayload>();
     let Some(inner) = parse::read::<Ipv4Hdr>(ctx, inner_off) else {
         return drop(Counter::DropMalformed);
     };
+    // A peer tunnels only what comes from its own lease, or from its own address (a reply
+    // its stack un-DNATed, a hostPort's say): an outer source is easy to forge on the
+    // underlay, and flannel.<VNI> would deliver whatever is inside.
+    match maps::lease(inner.saddr) {
+        _ if inner.saddr == ip.saddr => {}
+        Some(lease) if lease.public_ip == ip.saddr => {}
+        // The lease may be one the map had no room for: the kernel path decides.
+        None if cfg.flags & CONFIG_LEASES_INCOMPLETE != 0 => return pass(),
+        _ => return drop(Counter::DropSpoofedInner),
+    }
+    if cfg.flags & CONFIG_FAST_PATH_OFF != 0 {
+        return pass();
+    }
     // Not for a local pod (the node itself, say): flannel.<VNI> takes it.
     let Some(endpoint) = maps::endpoint(inner.daddr) else {
         return pass();
     };
     // The stack's connections are decapsulated by flannel.<VNI>, into the stack.
-    if let Some(verdict) = inbound_stack_verdict(ctx, &inner, inner_off) {
+    if let Some(verdict) = stack_verdict(ctx, &inner, inner_off) {
         return verdict;
     }
     match vxlan::decap(ctx, ip, &endpoint) {
@@ -210,16 +255,25 @@ fn from_tunnel(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr, payload_off
 }
 
 /// An unencapsulated packet: routed (host-gw, DirectRouting) traffic for a
-/// local pod is delivered into it, anything else goes to the kernel.
+/// local pod from a direct lease's node is delivered into it, anything else
+/// goes to the kernel.
 #[inline(always)]
-fn from_route(ctx: &TcContext, mut ip: Ipv4Hdr) -> i32 {
+fn from_route(ctx: &TcContext, cfg: &DataplaneConfig, mut ip: Ipv4Hdr) -> i32 {
     let Some(endpoint) = maps::endpoint(ip.daddr) else {
         return pass();
     };
     if ip.ttl <= 1 {
         return pass();
     }
-    if let Some(verdict) = inbound_stack_verdict(ctx, &ip, ETH_HLEN) {
+    // From a source the node reaches otherwise (itself, a NodePort client), replies
+    // leave through the stack: the connection's packets must enter through it too.
+    let Some(lease) = maps::lease(ip.saddr) else {
+        return pass();
+    };
+    if !from_lease_node(ctx, cfg, &ip, &lease) {
+        return pass_as(Counter::NotFromLeaseNode);
+    }
+    if let Some(verdict) = stack_verdict(ctx, &ip, ETH_HLEN) {
         return verdict;
     }
     csum::dec_ttl(&mut ip);
@@ -232,6 +286,28 @@ fn from_route(ctx: &TcContext, mut ip: Ipv4Hdr) -> i32 {
         return pass();
     }
     redirected(Counter::DirectIn, deliver(endpoint.ifindex))
+}
+
+/// Whether a routed packet from a pod of `lease` was sent by that lease's node: the lease
+/// is direct, and the frame comes from the MAC the node's neighbour table has for the
+/// next hop towards the lease, which is the lease's public IP.
+#[inline(always)]
+fn from_lease_node(
+    ctx: &TcContext,
+    cfg: &DataplaneConfig,
+    ip: &Ipv4Hdr,
+    lease: &LeaseEntry,
+) -> bool {
+    if lease.mode != LEASE_DIRECT {
+        return false;
+    }
+    let Some(eth) = parse::read::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    let Some(back) = route::lookup(ctx, cfg.node_ip, ip.saddr, cfg.uplink_ifindex) else {
+        return false;
+    };
+    back.ip == lease.public_ip && back.macs.is_some_and(|m| m.dst == eth.src)
 }
 
 #[classifier]
@@ -301,18 +377,6 @@ fn stack_verdict(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize) -> Option<i32> {
         Some(key) if flow::is_stack_flow(&key) => Some(stack_flow()),
         Some(_) => None,
     }
-}
-
-/// [`stack_verdict`] for a packet arriving for a local pod, which also leaves to the stack
-/// what does not come from a lease: the pod's replies to such a source (the node itself,
-/// a NodePort's masqueraded client, a kubelet probe) leave through the stack, so the
-/// connection's packets must enter through it too.
-#[inline(always)]
-fn inbound_stack_verdict(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize) -> Option<i32> {
-    if maps::lease(ip.saddr).is_none() {
-        return Some(pass());
-    }
-    stack_verdict(ctx, ip, l3_off)
 }
 
 /// Delivers the frame into the pod behind host-side veth `ifindex`:

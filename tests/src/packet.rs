@@ -92,6 +92,73 @@ pub fn send_udp(
     })
 }
 
+/// Sends `payload` `count` times, `interval` apart, as UDP datagrams from namespace `ns`
+/// whose IPv4 source is `src` whatever the namespace's addresses are (a raw socket writes
+/// the header): what a host on the underlay forging another node's address sends.
+pub fn send_forged_udp(
+    ns: &str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    payload: Vec<u8>,
+    count: u32,
+    interval: Duration,
+) -> Result<u32> {
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
+        bail!("forged datagrams are IPv4");
+    };
+    let udp_len = 8 + payload.len();
+    let mut packet = vec![0u8; 20 + udp_len];
+    packet[0] = 0x45;
+    packet[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+    packet[8] = 64;
+    packet[9] = IPPROTO_UDP;
+    packet[12..16].copy_from_slice(&src.ip().octets());
+    packet[16..20].copy_from_slice(&dst.ip().octets());
+    let checksum = internet_checksum(&packet[..20]);
+    packet[10..12].copy_from_slice(&checksum.to_be_bytes());
+    packet[20..22].copy_from_slice(&src.port().to_be_bytes());
+    packet[22..24].copy_from_slice(&dst.port().to_be_bytes());
+    packet[24..26].copy_from_slice(&(udp_len as u16).to_be_bytes());
+    packet[28..].copy_from_slice(&payload);
+    in_netns(ns, move || {
+        // SAFETY: plain socket(2) call; IPPROTO_RAW implies IP_HDRINCL.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("opening a raw socket");
+        }
+        // SAFETY: `fd` was just opened and is owned here.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let mut sent = 0;
+        for _ in 0..count {
+            // SAFETY: the buffer and address outlive the call; sizes are theirs.
+            let n = unsafe {
+                libc::sendto(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error()).context(format!("sending to {dst}"));
+            }
+            sent += 1;
+            std::thread::sleep(interval);
+        }
+        Ok(sent)
+    })
+}
+
 /// A UDP socket bound in a namespace, collecting every datagram until a deadline.
 pub struct UdpReceiver {
     ns: String,

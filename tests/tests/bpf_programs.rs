@@ -25,10 +25,10 @@ use aya::{
 };
 use weft_common::{
     Counter, DataplaneConfig, EndpointEntry, EndpointKey, FlowEntry, FlowKey, LeaseEntry,
-    PeerEntry, PeerKey, ALL_MAPS, ALL_PROGRAMS, CONFIG_FAST_PATH_OFF, FAST_PATH_MARK, LEASE_DIRECT,
-    LEASE_VXLAN, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS, MAP_STACK_FLOWS,
-    PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD, RECORDED_TO_NETDEV,
-    RECORDED_TO_POD, VXLAN_OVERHEAD,
+    PeerEntry, PeerKey, ALL_MAPS, ALL_PROGRAMS, CONFIG_FAST_PATH_OFF, CONFIG_LEASES_INCOMPLETE,
+    FAST_PATH_MARK, LEASE_DIRECT, LEASE_VXLAN, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS, MAP_LEASES,
+    MAP_PEERS, MAP_STACK_FLOWS, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD,
+    RECORDED_TO_NETDEV, RECORDED_TO_POD, VXLAN_OVERHEAD,
 };
 use weft_tests::bpf::TempBpffs;
 use weft_tests::{
@@ -74,9 +74,8 @@ const OTHER_LOCAL_IP: [u8; 4] = [10, 244, 1, 99];
 const LOCAL_POD_MAC: [u8; 6] = [0x0a, 0x58, 10, 244, 1, 5];
 const LOCAL_POD_HOST_MAC: [u8; 6] = [0x0a, 0x58, 0xee, 0xee, 0xee, 0x05];
 const GATEWAY_MAC: [u8; 6] = [0x0a, 0x58, 10, 244, 1, 1];
-/// ifindex of the pod's host-side veth. Under BPF_PROG_TEST_RUN the redirect
-/// only records its target, so any number does.
-const LOCAL_POD_IFINDEX: u32 = 4242;
+/// The pod's host-side veth in the test bed: from_pod runs as if on its ingress.
+const POD_VETH: &str = "pod0";
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
@@ -231,6 +230,42 @@ fn from_pod_passes_what_the_kernel_must_handle() -> Result<()> {
     })
 }
 
+#[test]
+fn a_pod_sending_from_another_address_takes_the_kernel_path() -> Result<()> {
+    with_datapath(|dp| {
+        let mut forged = pod_frame(VXLAN_POD, 64, 100);
+        forged[26..30].copy_from_slice(&OTHER_LOCAL_IP);
+        fix_ip_checksum(&mut forged);
+        let mut another_pods = pod_frame(DIRECT_POD, 64, 100);
+        another_pods[26..30].copy_from_slice(&[10, 244, 1, 6]);
+        fix_ip_checksum(&mut another_pods);
+        check_passed_as(
+            dp,
+            PROG_FROM_POD,
+            Counter::SourceNotPod,
+            &[
+                ("a source that is no local pod", forged),
+                ("another local pod's address", another_pods),
+            ],
+        )?;
+        // The pod's own address on another veth is not the pod either.
+        let frame = pod_frame(VXLAN_POD, 64, 100);
+        let mut skb = [0u8; SKB_CTX_LEN];
+        skb[SKB_IFINDEX_OFFSET..][..4].copy_from_slice(&1u32.to_ne_bytes());
+        let out = dp.run_with_context(PROG_FROM_POD, &frame, Some(&skb))?;
+        ensure!(
+            out.action == TC_ACT_UNSPEC && out.frame == frame,
+            "action {}",
+            out.action
+        );
+        ensure!(
+            dp.counter(Counter::SourceNotPod)? == 3,
+            "SourceNotPod counter"
+        );
+        Ok(())
+    })
+}
+
 // ---------------------------------------------------------------------------
 // from_netdev
 
@@ -254,13 +289,28 @@ fn vxlan_from_a_peer_is_decapsulated_into_the_pod() -> Result<()> {
                 expected
             );
         }
-        ensure!(dp.counter(Counter::Decap)? == 2, "Decap counter");
+        // From the peer's own address (a reply its stack un-DNATed): also the peer's.
+        let inner = ipv4(
+            PEER_IP,
+            LOCAL_POD,
+            63,
+            IPPROTO_UDP,
+            &udp(8080, 40000, b"reply"),
+        );
+        let frame = vxlan_frame(PEER_IP, 0x08, VNI, &peer_inner_frame(&inner), &[]);
+        let out = dp.run(PROG_FROM_NETDEV, &frame)?;
+        ensure!(
+            out.action == TC_ACT_REDIRECT,
+            "from the peer's address: action {}",
+            out.action
+        );
+        ensure!(dp.counter(Counter::Decap)? == 3, "Decap counter");
         Ok(())
     })
 }
 
 #[test]
-fn vxlan_from_strangers_or_for_other_vnis_is_dropped() -> Result<()> {
+fn vxlan_from_strangers_or_with_forged_inner_sources_is_dropped() -> Result<()> {
     with_datapath(|dp| {
         let inner = peer_inner_frame(&inner_ip(LOCAL_POD, 63));
         let cases = [
@@ -270,14 +320,55 @@ fn vxlan_from_strangers_or_for_other_vnis_is_dropped() -> Result<()> {
                 Counter::DropUnknownPeer,
             ),
             (
-                "another VNI",
-                vxlan_frame(PEER_IP, 0x08, VNI + 1, &inner, &[]),
-                Counter::DropWrongVni,
+                "from a peer, inner source in another peer's lease",
+                vxlan_frame(
+                    PEER_IP,
+                    0x08,
+                    VNI,
+                    &peer_inner_frame(&ipv4(
+                        UNRESOLVED_VXLAN_POD,
+                        LOCAL_POD,
+                        64,
+                        IPPROTO_UDP,
+                        &udp(1, 2, b"x"),
+                    )),
+                    &[],
+                ),
+                Counter::DropSpoofedInner,
             ),
             (
-                "VNI flag clear",
-                vxlan_frame(PEER_IP, 0x00, VNI, &inner, &[]),
-                Counter::DropWrongVni,
+                "from a peer, inner source in no lease",
+                vxlan_frame(
+                    PEER_IP,
+                    0x08,
+                    VNI,
+                    &peer_inner_frame(&ipv4(
+                        STRANGER_IP,
+                        LOCAL_POD,
+                        64,
+                        IPPROTO_UDP,
+                        &udp(1, 2, b"x"),
+                    )),
+                    &[],
+                ),
+                Counter::DropSpoofedInner,
+            ),
+            (
+                "from a peer, inner source outside every lease, to the node itself",
+                vxlan_frame(
+                    PEER_IP,
+                    0x08,
+                    VNI,
+                    &peer_inner_frame(&ipv4(
+                        [192, 0, 2, 1],
+                        OTHER_LOCAL_IP,
+                        64,
+                        IPPROTO_UDP,
+                        &udp(1, 2, b"x"),
+                    )),
+                    &[],
+                ),
+                Counter::DropSpoofedInner,
             ),
             (
                 "VXLAN header cut short",
@@ -324,7 +415,7 @@ fn routed_packet_for_a_local_pod_is_delivered_into_it() -> Result<()> {
             (
                 "ICMP",
                 ipv4(
-                    VXLAN_POD,
+                    DIRECT_POD,
                     LOCAL_POD,
                     63,
                     IPPROTO_ICMP,
@@ -334,7 +425,7 @@ fn routed_packet_for_a_local_pod_is_delivered_into_it() -> Result<()> {
             (
                 "UDP to another port",
                 ipv4(
-                    VXLAN_POD,
+                    DIRECT_POD,
                     LOCAL_POD,
                     63,
                     IPPROTO_UDP,
@@ -398,24 +489,65 @@ fn from_netdev_passes_what_is_not_for_a_local_pod() -> Result<()> {
                     &ipv4(PEER_IP, LOCAL_POD, 64, IPPROTO_UDP, &udp(1, 2, b"x")),
                 ),
             ),
-            (
-                "VXLAN for a local pod from an address in no lease",
-                vxlan_frame(
-                    PEER_IP,
-                    0x08,
-                    VNI,
-                    &peer_inner_frame(&ipv4(
-                        STRANGER_IP,
-                        LOCAL_POD,
-                        64,
-                        IPPROTO_UDP,
-                        &udp(1, 2, b"x"),
-                    )),
-                    &[],
-                ),
-            ),
         ];
-        check_passed(dp, PROG_FROM_NETDEV, &cases)
+        check_passed(dp, PROG_FROM_NETDEV, &cases)?;
+
+        // Another VNI on our port, or VXLAN to another address, is not weft's: the kernel
+        // decides (another VXLAN device may own it), even from strangers.
+        let inner = peer_inner_frame(&inner_ip(LOCAL_POD, 63));
+        let mut to_other_host = vxlan_frame(STRANGER_IP, 0x08, VNI, &inner, &[]);
+        to_other_host[30..34].copy_from_slice(&[198, 18, 0, 77]);
+        fix_ip_checksum(&mut to_other_host);
+        check_passed_as(
+            dp,
+            PROG_FROM_NETDEV,
+            Counter::ForeignVni,
+            &[
+                (
+                    "another VNI",
+                    vxlan_frame(PEER_IP, 0x08, VNI + 1, &inner, &[]),
+                ),
+                (
+                    "VNI flag clear",
+                    vxlan_frame(PEER_IP, 0x00, VNI, &inner, &[]),
+                ),
+                (
+                    "another VNI from a stranger",
+                    vxlan_frame(STRANGER_IP, 0x08, VNI + 7, &inner, &[]),
+                ),
+            ],
+        )?;
+        check_passed(
+            dp,
+            PROG_FROM_NETDEV,
+            &[("VXLAN to another host", to_other_host)],
+        )?;
+
+        // Routed packets are delivered by the fast path only from a direct lease's node.
+        let routed = |src: [u8; 4], src_mac: [u8; 6]| {
+            ethernet(
+                UPLINK_MAC,
+                src_mac,
+                ETH_P_IP,
+                &ipv4(src, LOCAL_POD, 64, IPPROTO_UDP, &udp(1, 2, b"x")),
+            )
+        };
+        check_passed_as(
+            dp,
+            PROG_FROM_NETDEV,
+            Counter::NotFromLeaseNode,
+            &[
+                ("routed from a VXLAN lease", routed(VXLAN_POD, PEER_MAC)),
+                (
+                    "routed from a direct lease, sent by another host",
+                    routed(DIRECT_POD, [0x02, 0, 0, 0, 0, 0x99]),
+                ),
+                (
+                    "routed from a direct lease whose node is unresolved",
+                    routed(UNRESOLVED_DIRECT_POD, PEER_MAC),
+                ),
+            ],
+        )
     })
 }
 
@@ -627,8 +759,18 @@ fn check_ttl_decremented(ip: &[u8], out: &[u8]) -> Result<()> {
 
 /// Every case passes (TC_ACT_UNSPEC) untouched and counts as Passed.
 fn check_passed(dp: &Datapath, program: &str, cases: &[(&str, Vec<u8>)]) -> Result<()> {
+    check_passed_as(dp, program, Counter::Passed, cases)
+}
+
+/// Every case passes (TC_ACT_UNSPEC) untouched and counts under `reason`.
+fn check_passed_as(
+    dp: &Datapath,
+    program: &str,
+    reason: Counter,
+    cases: &[(&str, Vec<u8>)],
+) -> Result<()> {
     for (what, frame) in cases {
-        let before = dp.counter(Counter::Passed)?;
+        let before = dp.counter(reason)?;
         let out = dp.run(program, frame)?;
         ensure!(
             out.action == TC_ACT_UNSPEC,
@@ -640,8 +782,9 @@ fn check_passed(dp: &Datapath, program: &str, cases: &[(&str, Vec<u8>)]) -> Resu
             "{program}, {what}: a passed frame was changed"
         );
         ensure!(
-            dp.counter(Counter::Passed)? == before + 1,
-            "{program}, {what}: not counted as passed"
+            dp.counter(reason)? == before + 1,
+            "{program}, {what}: not counted as {}",
+            reason.name()
         );
     }
     let sent: u64 = [
@@ -961,7 +1104,7 @@ fn with_the_fast_path_off_everything_takes_the_kernel_path() -> Result<()> {
             UPLINK_MAC,
             PEER_MAC,
             ETH_P_IP,
-            &ipv4(VXLAN_POD, LOCAL_POD, 64, IPPROTO_UDP, &udp(1, 2, b"x")),
+            &ipv4(DIRECT_POD, LOCAL_POD, 64, IPPROTO_UDP, &udp(1, 2, b"x")),
         );
         let tunnel_in = vxlan_frame(
             PEER_IP,
@@ -1002,6 +1145,99 @@ fn with_the_fast_path_off_everything_takes_the_kernel_path() -> Result<()> {
     })
 }
 
+#[test]
+fn when_the_agent_stops_refreshing_everything_takes_the_kernel_path() -> Result<()> {
+    with_datapath(|dp| {
+        // Refreshed at boot time, trusted for 1 ns: long gone.
+        dp.set_freshness(1, 1)?;
+        let stranger = vxlan_frame(
+            STRANGER_IP,
+            0x08,
+            VNI,
+            &peer_inner_frame(&inner_ip(LOCAL_POD, 63)),
+            &[],
+        );
+        check_passed_as(
+            dp,
+            PROG_FROM_POD,
+            Counter::AgentGone,
+            &[("to a VXLAN lease", pod_frame(VXLAN_POD, 64, 100))],
+        )?;
+        check_passed_as(
+            dp,
+            PROG_FROM_NETDEV,
+            Counter::AgentGone,
+            &[
+                (
+                    "VXLAN for a local pod",
+                    vxlan_frame(
+                        PEER_IP,
+                        0x08,
+                        VNI,
+                        &peer_inner_frame(&inner_ip(LOCAL_POD, 63)),
+                        &[],
+                    ),
+                ),
+                // A node that joined after the agent died is no peer in the stale maps.
+                ("VXLAN from a node the maps do not know", stranger),
+            ],
+        )?;
+        // Refreshed just now and trusted for an hour: the fast path is back.
+        dp.set_freshness(monotonic_ns(), 3_600_000_000_000)?;
+        let out = dp.run(PROG_FROM_POD, &pod_frame(VXLAN_POD, 64, 100))?;
+        ensure!(out.action == TC_ACT_REDIRECT, "action {}", out.action);
+        Ok(())
+    })
+}
+
+#[test]
+fn with_leases_missing_from_the_map_unknown_inner_sources_take_the_kernel_path() -> Result<()> {
+    with_datapath(|dp| {
+        dp.set_flags(CONFIG_LEASES_INCOMPLETE)?;
+        let frame = vxlan_frame(
+            PEER_IP,
+            0x08,
+            VNI,
+            &peer_inner_frame(&ipv4(
+                STRANGER_IP,
+                LOCAL_POD,
+                64,
+                IPPROTO_UDP,
+                &udp(1, 2, b"x"),
+            )),
+            &[],
+        );
+        check_passed(dp, PROG_FROM_NETDEV, &[("inner source in no lease", frame)])?;
+        // A source in another peer's lease is still forged.
+        let forged = vxlan_frame(
+            PEER_IP,
+            0x08,
+            VNI,
+            &peer_inner_frame(&ipv4(
+                UNRESOLVED_VXLAN_POD,
+                LOCAL_POD,
+                64,
+                IPPROTO_UDP,
+                &udp(1, 2, b"x"),
+            )),
+            &[],
+        );
+        ensure!(dp.run(PROG_FROM_NETDEV, &forged)?.action == TC_ACT_SHOT);
+        Ok(())
+    })
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the programs' clock.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) writes into the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 // ---------------------------------------------------------------------------
 // The datapath under test
 
@@ -1010,6 +1246,8 @@ fn with_the_fast_path_off_everything_takes_the_kernel_path() -> Result<()> {
 struct Datapath {
     ebpf: Ebpf,
     bpffs: TempBpffs,
+    /// ifindex of the pod's host-side veth [`POD_VETH`].
+    pod_ifindex: u32,
 }
 
 struct Outcome {
@@ -1021,11 +1259,13 @@ struct Outcome {
 
 /// Byte offset of `mark` in struct __sk_buff (uapi/linux/bpf.h).
 const SKB_MARK_OFFSET: usize = 8;
+/// Byte offset of `ifindex` in struct __sk_buff: the device the program runs on.
+const SKB_IFINDEX_OFFSET: usize = 40;
 /// The part of struct __sk_buff BPF_PROG_TEST_RUN takes and gives back.
 const SKB_CTX_LEN: usize = 192;
 
 impl Datapath {
-    fn load(uplink_ifindex: u32) -> Result<Self> {
+    fn load(uplink_ifindex: u32, pod_ifindex: u32) -> Result<Self> {
         let object = object_path();
         let bytes = std::fs::read(&object).with_context(|| {
             format!(
@@ -1047,7 +1287,11 @@ impl Datapath {
                 .load()
                 .with_context(|| format!("the verifier rejected {name}"))?;
         }
-        let mut datapath = Datapath { ebpf, bpffs };
+        let mut datapath = Datapath {
+            ebpf,
+            bpffs,
+            pod_ifindex,
+        };
         datapath.fill_maps(uplink_ifindex)?;
         Ok(datapath)
     }
@@ -1065,6 +1309,9 @@ impl Datapath {
                 inner_mtu: INNER_MTU,
                 vtep_mac: OWN_VTEP_MAC,
                 _pad2: [0; 2],
+                _pad3: [0; 4],
+                refreshed_ns: 0,
+                stale_after_ns: 0,
             },
             0,
         )?;
@@ -1092,12 +1339,13 @@ impl Datapath {
             peers.insert(PeerKey { public_ip }, PeerEntry { leases: 1 }, 0)?;
         }
 
+        let pod_ifindex = self.pod_ifindex;
         let mut endpoints: HashMap<_, EndpointKey, EndpointEntry> =
             HashMap::try_from(self.map(MAP_ENDPOINTS)?)?;
         endpoints.insert(
             EndpointKey { pod_ip: LOCAL_POD },
             EndpointEntry {
-                ifindex: LOCAL_POD_IFINDEX,
+                ifindex: pod_ifindex,
                 pod_mac: LOCAL_POD_MAC,
                 host_mac: LOCAL_POD_HOST_MAC,
             },
@@ -1111,6 +1359,16 @@ impl Datapath {
         let mut config: Array<_, DataplaneConfig> = Array::try_from(self.map(MAP_CONFIG)?)?;
         let mut value = config.get(&0, 0)?;
         value.flags = flags;
+        config.set(0, value, 0)?;
+        Ok(())
+    }
+
+    /// Sets when the agent last refreshed the config and for how long that holds.
+    fn set_freshness(&mut self, refreshed_ns: u64, stale_after_ns: u64) -> Result<()> {
+        let mut config: Array<_, DataplaneConfig> = Array::try_from(self.map(MAP_CONFIG)?)?;
+        let mut value = config.get(&0, 0)?;
+        value.refreshed_ns = refreshed_ns;
+        value.stale_after_ns = stale_after_ns;
         config.set(0, value, 0)?;
         Ok(())
     }
@@ -1152,7 +1410,14 @@ impl Datapath {
 
     fn run_with_context(&self, program: &str, frame: &[u8], skb: Option<&[u8]>) -> Result<Outcome> {
         let mut out = vec![0u8; frame.len() + 256];
-        let zeroes = [0u8; SKB_CTX_LEN];
+        let mut ctx_in = [0u8; SKB_CTX_LEN];
+        if let Some(skb) = skb {
+            ctx_in.copy_from_slice(skb);
+        }
+        // from_pod runs on the ingress of the pod's veth: the skb's device.
+        if program == PROG_FROM_POD && ctx_in[SKB_IFINDEX_OFFSET..][..4] == [0; 4] {
+            ctx_in[SKB_IFINDEX_OFFSET..][..4].copy_from_slice(&self.pod_ifindex.to_ne_bytes());
+        }
         let mut ctx_out = [0u8; SKB_CTX_LEN];
         let result = self
             .program(program)?
@@ -1160,7 +1425,7 @@ impl Datapath {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
                 // Always pass a context, so that the kernel hands one back.
-                ctx_in: Some(skb.unwrap_or(&zeroes)),
+                ctx_in: Some(&ctx_in),
                 ctx_out: Some(&mut ctx_out),
                 ..TestRunOptions::default()
             })
@@ -1209,11 +1474,14 @@ where
 {
     let bed = TestBed::create()?;
     icmp::in_netns(&bed.namespace, move || {
-        let uplink = CString::new(UPLINK)?;
-        // SAFETY: if_nametoindex(3) on a valid C string.
-        let uplink_ifindex = unsafe { libc::if_nametoindex(uplink.as_ptr()) };
-        ensure!(uplink_ifindex != 0, "no {UPLINK} in the test namespace");
-        let mut datapath = Datapath::load(uplink_ifindex)?;
+        let ifindex = |name: &str| -> Result<u32> {
+            let c = CString::new(name)?;
+            // SAFETY: if_nametoindex(3) on a valid C string.
+            let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            ensure!(index != 0, "no {name} in the test namespace");
+            Ok(index)
+        };
+        let mut datapath = Datapath::load(ifindex(UPLINK)?, ifindex(POD_VETH)?)?;
         check(&mut datapath)
     })
 }
@@ -1252,6 +1520,8 @@ impl TestBed {
         )?;
         ip(ns, &format!("link set {UPLINK} up"))?;
         ip(ns, "link set up1 up")?;
+        ip(ns, &format!("link add {POD_VETH} type veth peer name pod1"))?;
+        ip(ns, &format!("link set {POD_VETH} up"))?;
         ip(
             ns,
             &format!(
@@ -1420,6 +1690,14 @@ fn with_total_len(mut frame: Vec<u8>, extra: u16) -> Vec<u8> {
     let total = be16(&frame[16..]) + extra;
     frame[16..18].copy_from_slice(&total.to_be_bytes());
     frame
+}
+
+/// Recomputes the IPv4 header checksum of an Ethernet frame after an edit.
+fn fix_ip_checksum(frame: &mut [u8]) {
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let sum = checksum(&frame[14..14 + ihl]);
+    frame[24..26].copy_from_slice(&sum.to_be_bytes());
 }
 
 /// The Internet checksum (RFC 1071): 0 over a header that carries a valid one.

@@ -323,6 +323,9 @@ fn fill_node_a_maps(ebpf: &mut Ebpf) -> Result<()> {
             inner_mtu: POD_MTU,
             vtep_mac: VTEP_A,
             _pad2: [0; 2],
+            _pad3: [0; 4],
+            refreshed_ns: 0,
+            stale_after_ns: 0,
         },
         0,
     )?;

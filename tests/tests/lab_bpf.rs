@@ -13,7 +13,9 @@ use weft_common::{Counter, ALL_MAPS};
 use weft_tests::bpf::{mounts_under, pinned_map_ids, pins, read_leases, Bpffs, TcFilter};
 use weft_tests::exec::{ip, run, run_in, Cmd};
 use weft_tests::icmp::{self, ProbeOutcome};
-use weft_tests::packet::{parse_mac, send_udp, vxlan_payload, InnerUdp, UdpReceiver};
+use weft_tests::packet::{
+    parse_mac, send_forged_udp, send_udp, vxlan_payload, InnerUdp, UdpReceiver,
+};
 use weft_tests::plain_flannel::VXLAN_DEVICE;
 use weft_tests::{
     netns, wait_until, Backend, BpfCounters, Dataplane, Flood, Lab, LabConfig, PlainFlannelNode,
@@ -521,13 +523,33 @@ fn host_gw_bpf_routes_pods() {
 /// Sends `count` crafted VXLAN packets from `rogue_ns` to the node of `pod`, each carrying
 /// a UDP datagram for `pod`, and returns how many datagrams reached it.
 fn inject_into(lab: &Lab, rogue_ns: &str, pod: &Pod, count: u32) -> usize {
+    // A pod address nobody holds.
+    inject_forged(
+        lab,
+        rogue_ns,
+        None,
+        Ipv4Addr::new(10, 244, 251, 9),
+        pod,
+        count,
+    )
+}
+
+/// [`inject_into`] with the outer source forged to `outer_src` (if given) and the inner
+/// datagram from `inner_src`.
+fn inject_forged(
+    lab: &Lab,
+    rogue_ns: &str,
+    outer_src: Option<Ipv4Addr>,
+    inner_src: Ipv4Addr,
+    pod: &Pod,
+    count: u32,
+) -> usize {
     const POD_PORT: u16 = 9999;
     let vtep_mac = lab.lease_of(pod.node).unwrap().vtep_mac.unwrap();
     let inner = InnerUdp {
         src_mac: [0x02, 0, 0x5e, 0, 0, 0x99],
         dst_mac: parse_mac(&vtep_mac).unwrap(),
-        // A pod address nobody holds.
-        src: SocketAddr::from((Ipv4Addr::new(10, 244, 251, 9), 4000)),
+        src: SocketAddr::from((inner_src, 4000)),
         dst: SocketAddr::from((pod.ip, POD_PORT)),
         payload: b"injected by a host without a lease".to_vec(),
     };
@@ -539,8 +561,15 @@ fn inject_into(lab: &Lab, rogue_ns: &str, pod: &Pod, count: u32) -> usize {
     )
     .expect("a UDP receiver in the pod");
     let target = SocketAddr::from((lab.node_ip(pod.node), VXLAN_PORT));
-    let sent = send_udp(rogue_ns, target, payload, count, Duration::from_millis(20))
-        .expect("the rogue host sends");
+    let interval = Duration::from_millis(20);
+    let sent = match outer_src {
+        None => send_udp(rogue_ns, target, payload, count, interval),
+        Some(src) => {
+            let src = SocketAddr::from((src, 45678));
+            send_forged_udp(rogue_ns, src, target, payload, count, interval)
+        }
+    }
+    .expect("the rogue host sends");
     assert_eq!(sent, count);
     receiver.finish().expect("the receiver ends").len()
 }
@@ -584,6 +613,47 @@ fn vxlan_bpf_drops_vxlan_from_hosts_without_a_lease() {
         reached > 0,
         "the same frames sent to a kernel-path node should reach its pod (flannel's \
          weakness), or the frames are not valid VXLAN"
+    );
+}
+
+#[test]
+fn vxlan_bpf_drops_vxlan_forging_a_peers_address() {
+    let (mut lab, pods) = converged_lab(bpf_config(3, Backend::Vxlan), 1);
+    let rogue = lab
+        .add_underlay_host("forger", Ipv4Addr::new(198, 18, 0, 98))
+        .expect("a host on the underlay");
+    const FRAMES: u32 = 20;
+    let target = &pods[0];
+    let peer = lab.node_ip(2);
+    let other_peers_pod = pods[2].ip;
+    let before = counters(&lab, target.node);
+    for (what, inner_src) in [
+        (
+            "an address outside every lease",
+            Ipv4Addr::new(192, 0, 2, 9),
+        ),
+        (
+            "an address in no lease of the pod network",
+            Ipv4Addr::new(10, 244, 251, 9),
+        ),
+        ("another peer's pod", other_peers_pod),
+    ] {
+        let reached = inject_forged(&lab, &rogue, Some(peer), inner_src, target, FRAMES);
+        eprintln!("{FRAMES} frames forged as {peer} from {what}: {reached} reached the pod");
+        assert_eq!(
+            reached, 0,
+            "VXLAN forged as peer {peer} from {what} reached the pod"
+        );
+    }
+    let delta = counters(&lab, target.node).since(&before);
+    assert!(
+        delta.get(Counter::DropSpoofedInner) >= 3 * u64::from(FRAMES),
+        "every forged frame is counted as drop_spoofed_inner: {delta}"
+    );
+    // The genuine peer's traffic still flows.
+    assert!(
+        lab.ping(&pods[1], target.ip),
+        "the real peer's pod no longer reaches the target"
     );
 }
 
@@ -764,6 +834,82 @@ fn vxlan_bpf_agent_stop_and_restart_loses_no_packet() {
 #[test]
 fn vxlan_bpf_agent_crash_and_restart_loses_no_packet() {
     restart_keeps_traffic_flowing(libc::SIGKILL);
+}
+
+// ---------------------------------------------------------------------------------------
+// 8b. An agent gone for good does not leave stale maps deciding.
+
+#[test]
+fn vxlan_bpf_without_its_agent_hands_everything_to_the_kernel_path() {
+    const STALE_AFTER: &str = "--bpf-stale-after=2";
+    let mut config = bpf_config(2, Backend::Vxlan);
+    config.extra_agent_args.push(STALE_AFTER.into());
+    let (mut lab, pods) = converged_lab(config, 1);
+    let target = pods[0].clone();
+    let before = counters(&lab, target.node);
+
+    // Node 1's agent dies and stays dead; a node joins afterwards. Node 1's pinned maps
+    // do not know the newcomer, whose VXLAN the programs would drop as a stranger's.
+    lab.kill_agent(target.node);
+    wait_until(
+        "node 1's programs notice the agent is gone",
+        Duration::from_secs(15),
+        || {
+            lab.ping(&pods[1], target.ip);
+            Ok(counters(&lab, target.node)
+                .since(&before)
+                .get(Counter::AgentGone)
+                > 0)
+        },
+    )
+    .expect("the programs fall back to the kernel path");
+    let newcomer = lab.add_node().expect("a third node");
+    lab.start_agent(newcomer).expect("its agent");
+    let pod = lab.add_pod(newcomer).expect("a pod on the new node");
+
+    // One way only: node 1 has no route back to the newcomer without its agent.
+    const PORT: u16 = 9999;
+    let receiver = UdpReceiver::start(
+        &target.ns,
+        SocketAddr::from((target.ip, PORT)),
+        Duration::from_secs(6),
+    )
+    .expect("a UDP receiver in node 1's pod");
+    let sent = icmp::in_netns(&pod.ns, move || {
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        for _ in 0..20 {
+            socket.send_to(b"from a node born after the agent died", (target.ip, PORT))?;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        anyhow::Ok(20)
+    })
+    .expect("the new pod sends");
+    let received = receiver.finish().expect("the receiver ends").len();
+    let delta = counters(&lab, 1).since(&before);
+    eprintln!("{received} of {sent} datagrams from the new node arrived; node 1: {delta}");
+    assert!(
+        received > 0,
+        "the new node's pod cannot reach node 1's pod: {delta}"
+    );
+    assert_eq!(
+        delta.get(Counter::DropUnknownPeer),
+        0,
+        "node 1 dropped the new node's VXLAN as a stranger's: {delta}"
+    );
+
+    // The agent comes back: the fast path resumes.
+    lab.start_agent(1).expect("node 1's agent restarts");
+    wait_bpf_synced(&lab, [1]);
+    let back = counters(&lab, 1);
+    wait_until(
+        "the fast path carries node 2's pings again",
+        Duration::from_secs(15),
+        || {
+            lab.ping(&pods[1], target.ip);
+            Ok(counters(&lab, 1).since(&back).get(Counter::Decap) > 0)
+        },
+    )
+    .expect("the fast path resumes after the restart");
 }
 
 // ---------------------------------------------------------------------------------------

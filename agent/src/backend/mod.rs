@@ -38,6 +38,12 @@ pub trait Backend: Send {
     /// The MTU pods must use (written to subnet.env as FLANNEL_MTU).
     fn pod_mtu(&self) -> u32;
 
+    /// Tells the dataplane the agent is alive (the BPF programs fall back to the kernel
+    /// path when this stops).
+    fn heartbeat(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// Peers that did not fit in a fixed-size table (BPF maps), per table: they stay on
     /// the kernel path.
     fn overflow(&self) -> Vec<(&'static str, u64)> {

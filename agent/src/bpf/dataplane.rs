@@ -23,8 +23,8 @@ use tracing::{debug, info, warn};
 
 use weft_common::{
     DataplaneConfig, EndpointEntry, EndpointKey, LeaseEntry, PeerEntry, PeerKey,
-    CONFIG_FAST_PATH_OFF, LEASE_DIRECT, LEASE_VXLAN, MAP_CONFIG, MAP_ENDPOINTS, MAP_LEASES,
-    MAP_PEERS, PROG_FROM_NETDEV, PROG_TO_NETDEV,
+    CONFIG_FAST_PATH_OFF, CONFIG_LEASES_INCOMPLETE, LEASE_DIRECT, LEASE_VXLAN, MAP_CONFIG,
+    MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS, PROG_FROM_NETDEV, PROG_TO_NETDEV,
 };
 
 use super::endpoints::PodWatcher;
@@ -123,6 +123,18 @@ impl BpfDataplane {
         })
     }
 
+    /// The `CONFIG_*` flags of the current state.
+    fn config_flags(&self) -> u16 {
+        let mut flags = 0;
+        if !self.fast_path.on {
+            flags |= CONFIG_FAST_PATH_OFF;
+        }
+        if self.lease_overflow > 0 {
+            flags |= CONFIG_LEASES_INCOMPLETE;
+        }
+        flags
+    }
+
     fn write_config(&mut self, attrs: &LeaseAttrs) -> Result<()> {
         // The pods' MTU is flannel.<VNI>'s (Backend.MTU honoured) or the uplink's.
         let inner_mtu = self.kernel.pod_mtu();
@@ -133,16 +145,15 @@ impl BpfDataplane {
         let config = DataplaneConfig {
             vni,
             vxlan_port: port,
-            flags: if self.fast_path.on {
-                0
-            } else {
-                CONFIG_FAST_PATH_OFF
-            },
+            flags: self.config_flags(),
             node_ip: self.ext.addr.octets(),
             uplink_ifindex: self.ext.index,
             inner_mtu,
             vtep_mac: attrs.vxlan().map(|d| d.vtep_mac.0).unwrap_or_default(),
             _pad2: [0; 2],
+            _pad3: [0; 4],
+            refreshed_ns: monotonic_ns(),
+            stale_after_ns: self.options.stale_after.as_nanos() as u64,
         };
         self.config
             .set(0, config, 0)
@@ -171,6 +182,14 @@ impl BpfDataplane {
                 match self.leases.insert(&key, entry, 0) {
                     Err(e) if map_full(&e) => {
                         self.note_overflow(self.lease_overflow + 1);
+                        // Its node still tunnels to us (the kernel path takes it); the
+                        // next resync sets the exact count.
+                        let key = PeerKey {
+                            public_ip: entry.public_ip,
+                        };
+                        if self.peers.get(&key, 0).is_err() {
+                            self.peers.insert(key, PeerEntry { leases: 1 }, 0)?;
+                        }
                         return Ok(());
                     }
                     other => other,
@@ -207,6 +226,8 @@ impl BpfDataplane {
                 info!("resync: removed {subnet} from the BPF lease map: no lease routes it (entry {entry:?})");
             }
         }
+        // Peers whose lease has no room still tunnel to us: the kernel path carries them.
+        let counts = peer_counts(&wanted);
         let mut wanted = wanted;
         let mut overflow = Vec::new();
         for (subnet, entry) in &wanted {
@@ -227,7 +248,6 @@ impl BpfDataplane {
             wanted.remove(subnet);
         }
         self.note_overflow(overflow.len() as u64);
-        let counts = peer_counts(&wanted);
         let actual_peers: BTreeMap<[u8; 4], u32> = self
             .peers
             .iter()
@@ -251,6 +271,7 @@ impl BpfDataplane {
 
     /// Records how many peers the lease map has no room for, saying so when it changes.
     fn note_overflow(&mut self, peers: u64) {
+        let flag_changes = (peers > 0) != (self.lease_overflow > 0);
         if peers != self.lease_overflow {
             if peers > 0 {
                 warn!(
@@ -263,6 +284,13 @@ impl BpfDataplane {
             }
         }
         self.lease_overflow = peers;
+        if flag_changes {
+            if let Some(attrs) = self.attrs.clone() {
+                if let Err(e) = self.write_config(&attrs) {
+                    warn!("updating the BPF config after the lease map filled: {e:#}");
+                }
+            }
+        }
     }
 
     /// Attaches `from_netdev` and `to_netdev` to the uplink unless they already run there.
@@ -379,6 +407,17 @@ fn read_leases(map: &LeaseMap) -> Result<BTreeMap<Ipv4Network, LeaseEntry>> {
     Ok(leases)
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) writes into the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// How many leases name each public IP.
 fn peer_counts(leases: &BTreeMap<Ipv4Network, LeaseEntry>) -> BTreeMap<[u8; 4], u32> {
     let mut counts = BTreeMap::new();
@@ -455,6 +494,13 @@ impl Backend for BpfDataplane {
 
     fn pod_mtu(&self) -> u32 {
         self.kernel.pod_mtu()
+    }
+
+    fn heartbeat(&mut self) -> Result<()> {
+        match self.attrs.clone() {
+            Some(attrs) => self.write_config(&attrs),
+            None => Ok(()),
+        }
     }
 
     fn overflow(&self) -> Vec<(&'static str, u64)> {

@@ -57,6 +57,22 @@ pub struct BpfOptions {
     /// `--dataplane=bpf`: keep the fast path on even where netfilter rules filter
     /// forwarded traffic (`auto` switches it off there).
     pub force_fast_path: bool,
+    /// `--bpf-stale-after`: how long the programs trust maps the agent no longer refreshes
+    /// (zero: forever).
+    pub stale_after: std::time::Duration,
+}
+
+impl BpfOptions {
+    /// How often the agent refreshes the programs' config: a third of `stale_after`, at
+    /// most every 5 s.
+    pub fn heartbeat(&self) -> std::time::Duration {
+        let third = self.stale_after / 3;
+        if third.is_zero() {
+            std::time::Duration::from_secs(5)
+        } else {
+            third.min(std::time::Duration::from_secs(5))
+        }
+    }
 }
 
 /// Builds the dataplane `choice` asks for on top of the kernel backend of `conf`. Returns it

@@ -161,6 +161,13 @@ pub struct AgentArgs {
     #[arg(long, env = "WEFT_BPF_DIR", default_value = crate::bpf::DEFAULT_BPF_DIR)]
     pub bpf_dir: PathBuf,
 
+    /// Seconds without a refresh by the agent after which the eBPF programs hand every
+    /// packet to the kernel path (an uninstalled or crash-looping agent never leaves stale
+    /// maps deciding); 0 never gives up. The agent refreshes every few seconds, restarts
+    /// are hitless.
+    #[arg(long, env = "WEFT_BPF_STALE_AFTER", default_value_t = 60)]
+    pub bpf_stale_after: u64,
+
     /// The bridge pods are attached to: its ports get the eBPF program `from_pod`.
     #[arg(long, env = "WEFT_POD_BRIDGE", default_value = "cni0")]
     pub pod_bridge: String,
