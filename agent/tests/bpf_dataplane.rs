@@ -234,7 +234,7 @@ fn vxlan_conf(direct_routing: bool) -> NetConf {
         subnet_len: 24,
         subnet_min: Ipv4Addr::new(10, 244, 1, 0),
         subnet_max: Ipv4Addr::new(10, 244, 255, 0),
-        enable_nftables: false,
+        enable_nftables: None,
         backend: BackendConf::Vxlan(VxlanConf {
             vni: 1,
             port: DEFAULT_VXLAN_PORT,

@@ -437,18 +437,18 @@ fn auto_selects_nftables_here_and_iptables_on_request() {
     let mut lab = Lab::new("sel");
     let node = lab.netns("node");
     in_netns(&node, || {
-        let (fw, why) = masq::select_firewall(FirewallChoice::Auto, false).unwrap();
+        let (fw, why) = masq::select_firewall(FirewallChoice::Auto, None).unwrap();
         assert_eq!(fw.name(), "nftables");
         assert!(
             why.starts_with("nftables (nft 1.0.") && why.ends_with(" usable)"),
             "{why}"
         );
 
-        let (fw, why) = masq::select_firewall(FirewallChoice::Iptables, false).unwrap();
+        let (fw, why) = masq::select_firewall(FirewallChoice::Iptables, None).unwrap();
         assert_eq!(fw.name(), "iptables");
         assert!(why.contains("--firewall=iptables"), "{why}");
 
-        let err = masq::select_firewall(FirewallChoice::Iptables, true)
+        let err = masq::select_firewall(FirewallChoice::Iptables, Some(true))
             .err()
             .expect("conflict accepted");
         assert!(err.to_string().contains("EnableNFTables"), "{err}");

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use weft_tests::lab::first_pod_on;
 use weft_tests::plain_flannel::VXLAN_DEVICE;
+use weft_tests::Cmd;
 use weft_tests::{
     icmp, wait_until, Backend, Dataplane, Lab, LabConfig, Lease, PlainFlannelNode, Pod,
     EXTERNAL_HOST,
@@ -413,4 +414,52 @@ fn vxlan_weft_nodes_interoperate_with_a_flannel_node() {
         .expect("VXLAN to the flannel node");
     assert_eq!((packet.vni, packet.udp_dst_port), (1, 8472));
     assert_eq!(packet.inner_dst_mac, flannel_mac);
+}
+
+// ---------------------------------------------------------------------------------------
+// A host whose iptables FORWARD policy is DROP (Docker sets it) still forwards pod traffic,
+// whichever firewall weft programs.
+
+fn forward_policy_drop_keeps_pods_talking(firewall: &str) {
+    let mut lab = Lab::start(LabConfig {
+        nodes: 2,
+        backend: Backend::Vxlan,
+        dataplane: Dataplane::Kernel,
+        extra_agent_args: vec![
+            format!("--firewall={firewall}"),
+            "--iptables-resync=1".into(),
+        ],
+        ..Default::default()
+    })
+    .expect("lab starts");
+    let pods = lab.add_pods(1).expect("pods attach");
+    for node in 1..=2 {
+        Cmd::new(["iptables", "-w", "-P", "FORWARD", "DROP"])
+            .netns(lab.node_ns(node))
+            .run()
+            .expect("iptables -P FORWARD DROP");
+    }
+    lab.assert_all_pairs_ping(
+        &pods,
+        &format!("FORWARD policy DROP, {firewall}"),
+        CONVERGENCE,
+    );
+    let rules = Cmd::new(["iptables", "-w", "-S", "FORWARD"])
+        .netns(lab.node_ns(1))
+        .run()
+        .expect("iptables -S FORWARD");
+    assert!(
+        rules.contains("-P FORWARD DROP") && rules.contains("-j FLANNEL-FWD"),
+        "the forward rules must sit in the chain that drops: {rules}"
+    );
+}
+
+#[test]
+fn forward_policy_drop_keeps_pods_talking_with_nftables() {
+    forward_policy_drop_keeps_pods_talking("nftables");
+}
+
+#[test]
+fn forward_policy_drop_keeps_pods_talking_with_iptables() {
+    forward_policy_drop_keeps_pods_talking("iptables");
 }

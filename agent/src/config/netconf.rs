@@ -19,7 +19,9 @@ pub struct NetConf {
     pub subnet_len: u8,
     pub subnet_min: Ipv4Addr,
     pub subnet_max: Ipv4Addr,
-    pub enable_nftables: bool,
+    /// `EnableNFTables`: Some(true) requires nftables, Some(false) iptables (as flannel);
+    /// unset lets `--firewall` decide.
+    pub enable_nftables: Option<bool>,
     pub backend: BackendConf,
     /// Said once at start-up (e.g. a defaulted backend).
     pub warnings: Vec<String>,
@@ -210,7 +212,7 @@ impl NetConf {
             subnet_len,
             subnet_min,
             subnet_max,
-            enable_nftables: raw.enable_nftables.unwrap_or(false),
+            enable_nftables: raw.enable_nftables,
             backend,
             warnings,
         })
@@ -303,7 +305,7 @@ mod tests {
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
         assert_eq!(c.subnet_max, Ipv4Addr::new(10, 244, 255, 0));
-        assert!(!c.enable_nftables);
+        assert_eq!(c.enable_nftables, None);
         assert_eq!(
             c.backend,
             BackendConf::Vxlan(VxlanConf {
@@ -329,7 +331,7 @@ mod tests {
         assert_eq!(c.subnet_len, 26);
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 5, 1, 0));
         assert_eq!(c.subnet_max, Ipv4Addr::new(10, 5, 20, 192));
-        assert!(c.enable_nftables);
+        assert_eq!(c.enable_nftables, Some(true));
         assert_eq!(
             c.backend,
             BackendConf::Vxlan(VxlanConf {

@@ -222,6 +222,18 @@ impl Firewall for Iptables {
     }
 }
 
+/// Whether the `iptables` FORWARD chain's policy is DROP (false when iptables is missing).
+pub fn forward_policy_drops() -> bool {
+    run_ok("iptables", &["-w", "-t", "filter", "-S", "FORWARD"], None)
+        .is_ok_and(|rules| rules.lines().any(|l| l.trim() == "-P FORWARD DROP"))
+}
+
+/// Makes iptables' FLANNEL-FWD chain and its jump match `spec` (None: removes them), for
+/// the nftables firewall on a host whose FORWARD policy drops.
+pub fn sync_forward(spec: Option<&MasqSpec>) -> Result<()> {
+    FORWARD.sync(spec).map(drop)
+}
+
 /// `Ok("iptables v1.8.9 (nf_tables)")` when iptables is installed, else why not.
 pub fn probe() -> Result<String, String> {
     let version = run_ok("iptables", &["--version"], None).map_err(|e| format!("{e:#}"))?;

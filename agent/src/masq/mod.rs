@@ -54,10 +54,11 @@ enum Kind {
 }
 
 /// Picks the firewall for `--firewall` (`choice`) and net-conf.json's `EnableNFTables`
-/// (true forces nftables). Returns it with a sentence for the log saying which and why.
+/// (true requires nftables; false, as flannel reads it, means iptables under `auto`).
+/// Returns it with a sentence for the log saying which and why.
 pub fn select_firewall(
     choice: FirewallChoice,
-    enable_nftables: bool,
+    enable_nftables: Option<bool>,
 ) -> Result<(Box<dyn Firewall>, String)> {
     let (kind, reason) = decide(choice, enable_nftables, nft::probe(), iptables::probe())?;
     let firewall: Box<dyn Firewall> = match kind {
@@ -70,11 +71,24 @@ pub fn select_firewall(
 /// The choice itself, given what the probes found (`Ok(version)` or `Err(why unusable)`).
 fn decide(
     choice: FirewallChoice,
-    enable_nftables: bool,
+    enable_nftables: Option<bool>,
     nft: Result<String, String>,
     iptables: Result<String, String>,
 ) -> Result<(Kind, String)> {
     use FirewallChoice::*;
+    if choice == Auto && enable_nftables == Some(false) {
+        return match iptables {
+            Ok(version) => Ok((
+                Kind::Iptables,
+                format!("iptables ({version}, EnableNFTables is false in net-conf.json)"),
+            )),
+            Err(why) => bail!(
+                "EnableNFTables is false in net-conf.json, which means iptables, but {why}: \
+                 install iptables, or set EnableNFTables to true (or remove it) to use nftables"
+            ),
+        };
+    }
+    let enable_nftables = enable_nftables == Some(true);
     match (choice, enable_nftables) {
         (Iptables, true) => bail!(
             "EnableNFTables is true in net-conf.json but --firewall=iptables was given: \
@@ -200,14 +214,14 @@ mod tests {
 
     #[test]
     fn auto_prefers_nftables_and_says_so() {
-        let (kind, why) = decide(Auto, false, nft_ok(), ipt_ok()).unwrap();
+        let (kind, why) = decide(Auto, None, nft_ok(), ipt_ok()).unwrap();
         assert_eq!(kind, Kind::Nftables);
         assert_eq!(why, "nftables (nft 1.0.6 usable)");
     }
 
     #[test]
     fn auto_falls_back_to_iptables_with_the_reason() {
-        let (kind, why) = decide(Auto, false, missing("nft"), ipt_ok()).unwrap();
+        let (kind, why) = decide(Auto, None, missing("nft"), ipt_ok()).unwrap();
         assert_eq!(kind, Kind::Iptables);
         assert_eq!(
             why,
@@ -217,7 +231,7 @@ mod tests {
 
     #[test]
     fn auto_without_any_tool_names_both() {
-        let err = decide(Auto, false, missing("nft"), missing("iptables"))
+        let err = decide(Auto, None, missing("nft"), missing("iptables"))
             .unwrap_err()
             .to_string();
         assert!(
@@ -228,7 +242,7 @@ mod tests {
 
     #[test]
     fn nftables_choice_unusable_says_why_and_suggests_iptables() {
-        let err = decide(Nftables, false, missing("nft"), ipt_ok())
+        let err = decide(Nftables, None, missing("nft"), ipt_ok())
             .unwrap_err()
             .to_string();
         assert!(
@@ -240,14 +254,14 @@ mod tests {
 
     #[test]
     fn enable_nftables_forces_nftables() {
-        let (kind, why) = decide(Auto, true, nft_ok(), ipt_ok()).unwrap();
+        let (kind, why) = decide(Auto, Some(true), nft_ok(), ipt_ok()).unwrap();
         assert_eq!(kind, Kind::Nftables);
         assert!(why.contains("EnableNFTables"), "{why}");
-        let err = decide(Auto, true, missing("nft"), ipt_ok())
+        let err = decide(Auto, Some(true), missing("nft"), ipt_ok())
             .unwrap_err()
             .to_string();
         assert!(err.contains("EnableNFTables"), "{err}");
-        let err = decide(Iptables, true, nft_ok(), ipt_ok())
+        let err = decide(Iptables, Some(true), nft_ok(), ipt_ok())
             .unwrap_err()
             .to_string();
         assert!(
@@ -257,10 +271,27 @@ mod tests {
     }
 
     #[test]
+    fn enable_nftables_false_means_iptables_under_auto_as_in_flannel() {
+        let (kind, why) = decide(Auto, Some(false), nft_ok(), ipt_ok()).unwrap();
+        assert_eq!(kind, Kind::Iptables);
+        assert!(why.contains("EnableNFTables is false"), "{why}");
+        let err = decide(Auto, Some(false), nft_ok(), missing("iptables"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("install iptables") && err.contains("EnableNFTables"),
+            "{err}"
+        );
+        // An explicit --firewall still decides.
+        let (kind, _) = decide(Nftables, Some(false), nft_ok(), ipt_ok()).unwrap();
+        assert_eq!(kind, Kind::Nftables);
+    }
+
+    #[test]
     fn iptables_choice_uses_iptables_even_when_nft_works() {
-        let (kind, why) = decide(Iptables, false, nft_ok(), ipt_ok()).unwrap();
+        let (kind, why) = decide(Iptables, None, nft_ok(), ipt_ok()).unwrap();
         assert_eq!(kind, Kind::Iptables);
         assert!(why.contains("--firewall=iptables"), "{why}");
-        assert!(decide(Iptables, false, nft_ok(), missing("iptables")).is_err());
+        assert!(decide(Iptables, None, nft_ok(), missing("iptables")).is_err());
     }
 }

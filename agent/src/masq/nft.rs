@@ -9,7 +9,7 @@
 use anyhow::{Context, Result};
 use tracing::info;
 
-use super::{run, run_ok, Firewall, MasqSpec};
+use super::{iptables, run, run_ok, Firewall, MasqSpec};
 
 pub const NAME: &str = "nftables";
 /// Family and name of weft's (and flannel's) table.
@@ -19,6 +19,8 @@ pub const TABLE: &str = "ip flannel-ipv4";
 pub struct Nftables {
     /// The spec last written and the table listing read right after (None: no table).
     applied: Option<(MasqSpec, Option<String>)>,
+    /// Whether iptables' FORWARD got the forward rules too (its policy drops).
+    iptables_forward: bool,
 }
 
 impl Nftables {
@@ -49,11 +51,36 @@ impl Firewall for Nftables {
     }
 
     fn ensure(&mut self, spec: &MasqSpec) -> Result<()> {
-        self.ensure_changed(spec).map(drop)
+        self.ensure_changed(spec)?;
+        // An accept in weft's table does not overrule a drop in another table at the same
+        // hook: where iptables' FORWARD drops by policy (Docker sets that), the forward
+        // rules must be there too, or pod traffic between nodes dies in it.
+        let iptables_drops = spec.forward_accept && iptables::forward_policy_drops();
+        if iptables_drops != self.iptables_forward {
+            if iptables_drops {
+                info!(
+                    "iptables' FORWARD policy is DROP: adding the forward rules there too ({})",
+                    iptables::FORWARD_CHAIN
+                );
+            } else {
+                info!(
+                    "removing the forward rules from iptables' FORWARD: its policy no longer drops"
+                );
+            }
+        }
+        if iptables_drops || self.iptables_forward {
+            iptables::sync_forward(iptables_drops.then_some(spec))?;
+        }
+        self.iptables_forward = iptables_drops;
+        Ok(())
     }
 
     fn remove(&mut self) -> Result<()> {
         self.applied = None;
+        if self.iptables_forward {
+            iptables::sync_forward(None)?;
+            self.iptables_forward = false;
+        }
         write(None, true)
     }
 }
