@@ -13,9 +13,11 @@
 pub mod apiserver;
 pub mod bpf;
 pub mod cp_bench;
+pub mod datapath;
 pub mod echo;
 pub mod etcd;
 pub mod exec;
+pub mod fuzz;
 pub mod icmp;
 pub mod kube_lab;
 pub mod kube_proxy;

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench | fuzz`.
 //!
 //! The alias in `.cargo/config.toml` runs this binary with rustup's cargo; the
 //! eBPF build switches to Debian's cargo/rustc (see [`ebpf`]).
@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod requirements;
 mod setup;
 #[cfg(test)]
@@ -51,6 +52,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// setup, build-ebpf, then run a million generated frames through the datapath
+    /// programs and compare each result with the reference model, byte for byte.
+    Fuzz {
+        /// Arguments passed on to weft-fuzz (--frames N, --seed S).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -60,6 +68,7 @@ fn main() -> Result<()> {
         Task::Test => test(),
         Task::Demo { args } => demo::run(&args),
         Task::Bench { args } => bench::run(&args),
+        Task::Fuzz { args } => fuzz::run(&args),
     }
 }
 
