@@ -103,7 +103,20 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         let own = own.clone();
         tokio::spawn(async move { subnets.watch_leases(own, tx).await })
     };
-    let result = event_loop(&args, &mut dataplane, firewall.as_mut(), &spec, &state, rx).await;
+    let uplink = UplinkWatch {
+        handle: handle.clone(),
+        ext: ext.clone(),
+    };
+    let result = event_loop(
+        &args,
+        &uplink,
+        &mut dataplane,
+        firewall.as_mut(),
+        &spec,
+        &state,
+        rx,
+    )
+    .await;
     if watch.is_finished() {
         // The watch ended on its own: its error says why better than the closed channel.
         if let Ok(Err(e)) = watch.await {
@@ -135,6 +148,7 @@ async fn subnet_manager(
 /// Applies lease events as they come and repairs drift on timers, until a signal.
 async fn event_loop(
     args: &AgentArgs,
+    uplink: &UplinkWatch,
     dataplane: &mut Dataplane,
     firewall: &mut dyn Firewall,
     spec: &MasqSpec,
@@ -189,7 +203,10 @@ async fn event_loop(
                     state.update_peer_counts(plan.rejected_by_reason(), dataplane.overflow());
                 }
             },
-            _ = resync.tick(), if listed => resync_dataplane(dataplane, &leases, state).await,
+            _ = resync.tick(), if listed => {
+                uplink.check().await?;
+                resync_dataplane(dataplane, &leases, state).await
+            }
             _ = heartbeat.tick() => {
                 if let Err(e) = dataplane.heartbeat() {
                     error!("refreshing the dataplane's config failed: {e:#}");
@@ -207,6 +224,31 @@ async fn event_loop(
     // Leave the dataplane in place: pods keep their connectivity while weft restarts.
     info!("stopping; the dataplane stays in place");
     Ok(())
+}
+
+/// The uplink and its address as the agent selected them at start: the lease publishes
+/// that address, and every peer sends to it.
+struct UplinkWatch {
+    handle: rtnetlink::Handle,
+    ext: crate::iface::ExtIface,
+}
+
+impl UplinkWatch {
+    /// Fails when the address is gone from the interface (the node's IP changed, the
+    /// interface was replaced): the published lease is wrong, and peers send into the void.
+    /// The agent exits so that it is restarted (kubelet, systemd) and publishes the new one.
+    async fn check(&self) -> Result<()> {
+        let addrs = nl::ipv4_addrs(&self.handle, Some(self.ext.index)).await?;
+        if !addrs.iter().any(|a| a.net.ip() == self.ext.addr) {
+            bail!(
+                "the address {} of {} (published in this node's lease) is gone from the \
+                 interface: exiting so that weft restarts and publishes the node's new address",
+                self.ext.addr,
+                self.ext.name
+            );
+        }
+        Ok(())
+    }
 }
 
 async fn resync_dataplane(

@@ -992,6 +992,36 @@ impl Lab {
             .ctl(args)
     }
 
+    /// Stops the lab's etcd and starts it again on the same data; returns when it is
+    /// healthy, with how long it was gone.
+    pub fn restart_etcd(&mut self) -> Result<Duration> {
+        let started = Instant::now();
+        let mut etcd = self
+            .etcd
+            .take()
+            .ok_or_else(|| anyhow!("the lab's etcd is not running"))?;
+        etcd.stop();
+        let etcd_dir = self.dir.path().join("etcd");
+        let etcd_log = self.dir.path().join("etcd.log");
+        self.etcd = Some(Etcd::start(&self.fabric, &etcd_dir, &etcd_log)?);
+        Ok(started.elapsed())
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the lab's API server emulator: to its clients
+    /// it is unreachable while frozen, as behind a partition.
+    pub fn freeze_api_server(&self, frozen: bool) -> Result<()> {
+        let api = self
+            .api
+            .as_ref()
+            .ok_or_else(|| anyhow!("the lab has no API server"))?;
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) on the PID of a process this lab started.
+        if unsafe { libc::kill(api.pid() as libc::pid_t, signal) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("signalling the API server");
+        }
+        Ok(())
+    }
+
     /// Puts a lease value under `<prefix>/subnets/<key>` as a hostile or careless writer
     /// with etcd access would (`key` like `10.244.9.0-24`, `value` any text).
     pub fn put_raw_lease(&self, key: &str, value: &str) -> Result<()> {

@@ -12,6 +12,7 @@
 
 pub mod apiserver;
 pub mod bpf;
+pub mod chaos;
 pub mod cp_bench;
 pub mod datapath;
 pub mod echo;

@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench | fuzz`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | bench | fuzz | chaos`.
 //!
 //! The alias in `.cargo/config.toml` runs this binary with rustup's cargo; the
 //! eBPF build switches to Debian's cargo/rustc (see [`ebpf`]).
 
 mod bench;
+mod chaos;
 mod demo;
 mod ebpf;
 mod fuzz;
@@ -59,6 +60,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// setup, build-ebpf, then fault a lab node under traffic in every way the chaos
+    /// scenarios know (uplink flap, devices, filters and map entries deleted, etcd and API
+    /// server outages, agent killed, node IP changed); writes target/chaos/chaos.md.
+    Chaos {
+        /// Scenario names to run (all when none), e.g. UplinkFlap.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -69,6 +78,7 @@ fn main() -> Result<()> {
         Task::Demo { args } => demo::run(&args),
         Task::Bench { args } => bench::run(&args),
         Task::Fuzz { args } => fuzz::run(&args),
+        Task::Chaos { args } => chaos::run(&args),
     }
 }
 

@@ -12,7 +12,7 @@ use ipnetwork::Ipv4Network;
 use rand::Rng;
 
 use crate::config::NetConf;
-use crate::lease::LeaseAttrs;
+use crate::lease::{LeaseAttrs, MacAddr};
 
 /// How many free subnets, from SubnetMin upwards, the random pick chooses among.
 pub const RANDOM_POOL: usize = 100;
@@ -26,6 +26,8 @@ pub struct AllocInput<'a> {
     /// The leases whose value parses.
     pub leases: &'a BTreeMap<Ipv4Network, LeaseAttrs>,
     pub public_ip: Ipv4Addr,
+    /// This node's VTEP MAC (vxlan; kept on flannel.<VNI> across restarts).
+    pub vtep_mac: Option<MacAddr>,
     /// The subnet recorded in subnet.env, if any.
     pub previous_subnet: Option<Ipv4Network>,
     /// Where leases live (`<prefix>/subnets`), for the error message.
@@ -88,10 +90,18 @@ pub fn fits_config(conf: &NetConf, subnet: Ipv4Network) -> bool {
 /// Chooses this node's subnet.
 pub fn choose_subnet(input: &AllocInput, rng: &mut impl Rng) -> Result<Allocation, NoFreeSubnet> {
     let conf = input.conf;
+    // Ours: the lease with our public IP, or (after the node's IP changed) the lease of the
+    // subnet in our subnet.env that carries our own VTEP MAC, which no other node has.
+    let ours = |subnet: &Ipv4Network, attrs: &LeaseAttrs| {
+        attrs.public_ip == input.public_ip
+            || (Some(*subnet) == input.previous_subnet
+                && input.vtep_mac.is_some()
+                && attrs.vxlan().map(|d| d.vtep_mac) == input.vtep_mac)
+    };
     let (own_fitting, incompatible_own): (Vec<Ipv4Network>, Vec<Ipv4Network>) = input
         .leases
         .iter()
-        .filter(|(_, attrs)| attrs.public_ip == input.public_ip)
+        .filter(|(subnet, attrs)| ours(subnet, attrs))
         .map(|(subnet, _)| *subnet)
         .partition(|subnet| fits_config(conf, *subnet));
     let allocation = |choice| Allocation {
@@ -198,6 +208,7 @@ mod tests {
                 taken: &self.taken,
                 leases: &self.leases,
                 public_ip: OUR_IP.parse().unwrap(),
+                vtep_mac: None,
                 previous_subnet: previous.map(net),
                 subnets_dir: "/coreos.com/network/subnets",
             };
@@ -216,6 +227,46 @@ mod tests {
         let a = t.choose(Some("10.244.3.0/24"), 1).unwrap();
         assert_eq!(a.choice, Choice::Reuse(net("10.244.9.0/24")));
         assert!(a.incompatible_own.is_empty());
+    }
+
+    #[test]
+    fn after_an_ip_change_the_subnet_env_lease_with_our_vtep_mac_is_ours() {
+        let mac: MacAddr = "0e:00:00:00:00:42".parse().unwrap();
+        let mut leases = BTreeMap::new();
+        let mut old = attrs("198.18.0.12");
+        old.backend_type = "vxlan".into();
+        old.backend_data = Some(serde_json::json!({"VNI": 1, "VtepMAC": mac.to_string()}));
+        leases.insert(net("10.244.9.0/24"), old);
+        let conf = conf(NET16);
+        let taken = leases.keys().copied().collect();
+        let choose = |vtep_mac, previous: &str| {
+            let input = AllocInput {
+                conf: &conf,
+                taken: &taken,
+                leases: &leases,
+                public_ip: OUR_IP.parse().unwrap(),
+                vtep_mac,
+                previous_subnet: Some(net(previous)),
+                subnets_dir: "/coreos.com/network/subnets",
+            };
+            choose_subnet(&input, &mut StdRng::seed_from_u64(1))
+                .unwrap()
+                .choice
+        };
+        assert_eq!(
+            choose(Some(mac), "10.244.9.0/24"),
+            Choice::Reuse(net("10.244.9.0/24"))
+        );
+        // Another MAC, or another subnet in subnet.env: someone else's lease.
+        let other: MacAddr = "0e:00:00:00:00:43".parse().unwrap();
+        assert_ne!(
+            choose(Some(other), "10.244.9.0/24"),
+            Choice::Reuse(net("10.244.9.0/24"))
+        );
+        assert_ne!(
+            choose(Some(mac), "10.244.8.0/24"),
+            Choice::Reuse(net("10.244.9.0/24"))
+        );
     }
 
     #[test]

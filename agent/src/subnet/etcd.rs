@@ -323,6 +323,7 @@ impl EtcdSubnetManager {
             taken: &taken,
             leases: &parsed,
             public_ip: attrs.public_ip,
+            vtep_mac: attrs.vxlan().map(|d| d.vtep_mac),
             previous_subnet,
             subnets_dir: &subnets_dir,
         };
