@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use ipnetwork::Ipv4Network;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{error, info, info_span, warn};
 
 use crate::backend::netlink as nl;
 use crate::bpf::{self, BpfOptions};
@@ -169,40 +169,54 @@ async fn event_loop(
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            event = rx.recv() => match event {
-                None => bail!("the lease watch stopped; exiting so that the agent is restarted"),
-                Some(LeaseWatchEvent::OwnLeaseRevoked) => {
-                    bail!("Lease has been revoked: this node's lease was deleted from the subnet store; restart weft to acquire a new one")
-                }
-                Some(LeaseWatchEvent::Snapshot(all)) => {
-                    info!(leases = all.len(), "lease table (re)listed");
-                    listed = true;
-                    leases = all.into_iter().map(|l| (l.subnet, l)).collect();
-                    state.set_leases_known(leases.len());
-                    resync_dataplane(dataplane, &leases, state).await;
-                }
-                Some(LeaseWatchEvent::Event(event)) => {
-                    let subnet = match &event {
-                        LeaseEvent::Added(l) => { leases.insert(l.subnet, l.clone()); l.subnet }
-                        LeaseEvent::Removed(s) => { leases.remove(s); *s }
-                    };
-                    state.set_leases_known(leases.len());
-                    let started = Instant::now();
-                    let span = info_span!("lease", subnet = %subnet_key(&subnet));
-                    match dataplane.apply(&event).instrument(span.clone()).await {
-                        Ok(()) => {
-                            state.observe_lease_apply(started.elapsed());
-                            span.in_scope(|| info!(event = kind(&event), took_us = started.elapsed().as_micros() as u64, "applied"))
+            event = rx.recv() => {
+                let Some(mut event) = event else {
+                    bail!("the lease watch stopped; exiting so that the agent is restarted");
+                };
+                loop {
+                    match event {
+                        LeaseWatchEvent::OwnLeaseRevoked => {
+                            bail!("Lease has been revoked: this node's lease was deleted from the subnet store; restart weft to acquire a new one")
                         }
-                        Err(e) => {
-                            state.count_lease_apply_failure();
-                            span.in_scope(|| error!("applying lease event failed (the next resync retries): {e:#}"))
+                        LeaseWatchEvent::Snapshot(all) => {
+                            info!(leases = all.len(), "lease table (re)listed");
+                            listed = true;
+                            leases = all.into_iter().map(|l| (l.subnet, l)).collect();
+                            state.set_leases_known(leases.len());
+                            resync_dataplane(dataplane, &leases, state).await;
+                            break;
+                        }
+                        LeaseWatchEvent::Event(first) => {
+                            // What is queued behind it is applied with it: one plan for a
+                            // burst (5,000 Nodes listed one by one, say), not one per event.
+                            let mut batch = vec![first];
+                            let mut after = None;
+                            while batch.len() < MAX_BATCH {
+                                match rx.try_recv() {
+                                    Ok(LeaseWatchEvent::Event(next)) => batch.push(next),
+                                    Ok(other) => {
+                                        after = Some(other);
+                                        break;
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                            for event in &batch {
+                                match event {
+                                    LeaseEvent::Added(l) => { leases.insert(l.subnet, l.clone()); }
+                                    LeaseEvent::Removed(s) => { leases.remove(s); }
+                                }
+                            }
+                            state.set_leases_known(leases.len());
+                            apply_batch(dataplane, &batch, state).await;
+                            match after {
+                                Some(next) => event = next,
+                                None => break,
+                            }
                         }
                     }
-                    let plan = dataplane.plan();
-                    state.update_peer_counts(plan.rejected_by_reason(), dataplane.overflow());
                 }
-            },
+            }
             _ = resync.tick(), if listed => {
                 uplink.check().await?;
                 resync_dataplane(dataplane, &leases, state).await
@@ -249,6 +263,42 @@ impl UplinkWatch {
         }
         Ok(())
     }
+}
+
+/// Most lease events applied with one plan.
+const MAX_BATCH: usize = 4096;
+
+/// Applies `batch` to the dataplane, with a span and a log line per lease.
+async fn apply_batch(dataplane: &mut Dataplane, batch: &[LeaseEvent], state: &AgentState) {
+    let started = Instant::now();
+    let result = dataplane.apply_events(batch).await;
+    let took = started.elapsed();
+    for event in batch {
+        let subnet = match event {
+            LeaseEvent::Added(l) => l.subnet,
+            LeaseEvent::Removed(s) => *s,
+        };
+        let span = info_span!("lease", subnet = %subnet_key(&subnet));
+        match &result {
+            Ok(()) => {
+                state.observe_lease_apply(took);
+                span.in_scope(|| {
+                    info!(
+                        event = kind(event),
+                        batch = batch.len(),
+                        took_us = took.as_micros() as u64,
+                        "applied"
+                    )
+                });
+            }
+            Err(_) => state.count_lease_apply_failure(),
+        }
+    }
+    if let Err(e) = result {
+        error!("applying lease events failed (the next resync retries): {e:#}");
+    }
+    let plan = dataplane.plan();
+    state.update_peer_counts(plan.rejected_by_reason(), dataplane.overflow());
 }
 
 async fn resync_dataplane(

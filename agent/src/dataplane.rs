@@ -69,30 +69,43 @@ impl Dataplane {
 
     /// Applies one lease event: re-plans and hands the backend what changed.
     pub async fn apply(&mut self, event: &LeaseEvent) -> Result<()> {
-        match event {
-            LeaseEvent::Added(lease) => {
-                self.leases.insert(lease.subnet, lease.clone());
-                if self.config.needs_on_link() {
-                    let lease = std::iter::once(lease);
-                    (self.facts)
-                        .learn_on_link(&self.handle, self.uplink, lease, false)
-                        .await;
+        self.apply_events(std::slice::from_ref(event)).await
+    }
+
+    /// Applies lease events in order, re-planning once for all of them.
+    pub async fn apply_events(&mut self, events: &[LeaseEvent]) -> Result<()> {
+        let mut removed = Vec::new();
+        for event in events {
+            match event {
+                LeaseEvent::Added(lease) => {
+                    self.leases.insert(lease.subnet, lease.clone());
+                }
+                LeaseEvent::Removed(subnet) => {
+                    self.leases.remove(subnet);
+                    removed.push(*subnet);
                 }
             }
-            LeaseEvent::Removed(subnet) => {
-                self.leases.remove(subnet);
-            }
+        }
+        if self.config.needs_on_link() {
+            let added = events.iter().filter_map(|e| match e {
+                LeaseEvent::Added(lease) => Some(lease),
+                LeaseEvent::Removed(_) => None,
+            });
+            (self.facts)
+                .learn_on_link(&self.handle, self.uplink, added, false)
+                .await;
         }
         let next = plan::plan(self.leases.values(), &self.config, &self.facts);
         let mut changes = self.plan.diff(&next);
-        if let LeaseEvent::Removed(subnet) = event {
+        for subnet in removed {
             // What an earlier run programmed is not in this run's plan until the first
             // resync: remove it anyway (the backends remove only what weft programmed),
             // unless a peer in the plan shares its network address.
-            let unplanned = !self.plan.peers.contains_key(subnet);
+            let unplanned = !self.plan.peers.contains_key(&subnet);
             let shared = next.peers.keys().any(|p| p.network() == subnet.network());
-            if unplanned && !shared {
-                changes.push(PeerChange::Removed(*subnet));
+            let listed = changes.contains(&PeerChange::Removed(subnet));
+            if unplanned && !shared && !listed && !self.leases.contains_key(&subnet) {
+                changes.push(PeerChange::Removed(subnet));
             }
         }
         self.report(&next);
@@ -102,7 +115,7 @@ impl Dataplane {
             let result = self.backend.apply(change).await;
             failures.record(result.with_context(|| describe(change)));
         }
-        failures.into_result("applying the lease event")
+        failures.into_result("applying the lease events")
     }
 
     /// Makes the dataplane hold exactly what `leases` (the complete table of other nodes'

@@ -292,7 +292,22 @@ pub fn plan<'a>(
         .into_iter()
         .filter(|l| Some(l.subnet) != config.own)
         .collect();
-    let public_ips: Vec<Ipv4Addr> = leases.iter().map(|l| l.attrs.public_ip).collect();
+    // Node addresses, sorted: whether a subnet holds one is a range query.
+    let mut node_ips: Vec<u32> = leases
+        .iter()
+        .map(|l| l.attrs.public_ip)
+        .chain(config.own_ips.iter().copied())
+        .map(u32::from)
+        .collect();
+    node_ips.sort_unstable();
+    let node_ip_in = |subnet: &Ipv4Network| {
+        let start = u32::from(subnet.network());
+        let at = node_ips.partition_point(|ip| *ip < start);
+        node_ips
+            .get(at)
+            .filter(|ip| **ip <= u32::from(subnet.broadcast()))
+            .map(|ip| Ipv4Addr::from(*ip))
+    };
 
     // Checks of one lease on its own.
     let mut candidates: Vec<(&Lease, Peer)> = Vec::new();
@@ -316,9 +331,8 @@ pub fn plan<'a>(
             if let Some(net) = facts.attached.iter().find(|n| overlaps(n, &subnet)) {
                 return Err(Rejection::CoversNodeNetwork(*net));
             }
-            let node_ip = config.own_ips.iter().chain(&public_ips);
-            if let Some(ip) = node_ip.into_iter().find(|ip| subnet.contains(**ip)) {
-                return Err(Rejection::CoversNodeIp(*ip));
+            if let Some(ip) = node_ip_in(&subnet) {
+                return Err(Rejection::CoversNodeIp(ip));
             }
             let ip = attrs.public_ip;
             if let Some(why) = public_ip_problem(ip) {

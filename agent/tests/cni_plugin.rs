@@ -194,7 +194,9 @@ impl Lab {
         }
         let bin = lab.bin_dir();
         std::fs::create_dir(&bin).unwrap();
-        std::fs::copy(env!("CARGO_BIN_EXE_weft-cni"), bin.join("flannel")).unwrap();
+        // A link, not a copy: a copy's write descriptor can leak into a child another test
+        // thread forks at that moment, and exec then fails with "Text file busy".
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_weft-cni"), bin.join("flannel")).unwrap();
         for plugin in ["bridge", "host-local", "loopback", "portmap"] {
             std::os::unix::fs::symlink(Path::new(REFERENCE_PLUGINS).join(plugin), bin.join(plugin))
                 .unwrap();

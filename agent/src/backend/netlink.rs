@@ -3,7 +3,6 @@
 //! Everything here is IPv4 and the main routing table. Adds use `NLM_F_REPLACE` and
 //! deletes ignore "already gone", so that callers are idempotent by construction.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context, Result};
@@ -719,28 +718,6 @@ pub async fn delete_fdb(handle: &Handle, index: u32, mac: MacAddr) -> Result<()>
         .with_context(|| format!("deleting FDB entry {mac} on interface #{index}"))
 }
 
-// ---------------------------------------------------------------------------------------
-
-/// Remembers why a lease was skipped, so that a resync every few seconds does not repeat
-/// the same warning: `report` returns true the first time (or when the reason changed).
-#[derive(Debug, Default)]
-pub struct SkipLog(HashMap<Ipv4Network, String>);
-
-impl SkipLog {
-    pub fn report(&mut self, subnet: Ipv4Network, reason: &str) -> bool {
-        if self.0.get(&subnet).map(String::as_str) == Some(reason) {
-            return false;
-        }
-        self.0.insert(subnet, reason.to_string());
-        true
-    }
-
-    /// The lease was programmed (or removed): a later skip is news again.
-    pub fn clear(&mut self, subnet: &Ipv4Network) {
-        self.0.remove(subnet);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -772,16 +749,11 @@ mod tests {
         assert!(!route_in_place(&[unrelated], &want));
         assert!(!route_in_place(&[other_gw], &want));
         assert!(!route_in_place(&[ours, other_metric], &want));
-    }
-
-    #[test]
-    fn skip_log_reports_once_per_reason() {
-        let mut log = SkipLog::default();
-        let net: Ipv4Network = "10.244.2.0/24".parse().unwrap();
-        assert!(log.report(net, "a"));
-        assert!(!log.report(net, "a"));
-        assert!(log.report(net, "b"));
-        log.clear(&net);
-        assert!(log.report(net, "b"));
+        // flanneld's route (proto boot) with the same path is not weft's yet: taken over.
+        let flanneld = KernelRoute {
+            protocol: 3,
+            ..kernel_route("10.244.2.0/24", Some("198.18.0.12"), 2, 0)
+        };
+        assert!(!route_in_place(&[flanneld], &want));
     }
 }
