@@ -461,6 +461,12 @@ pub fn vxlan_frame(src: [u8; 4], flags: u8, vni: u32, inner: &[u8], options: &[u
     ethernet(UPLINK_MAC, PEER_MAC, ETH_P_IP, &ip)
 }
 
+/// VXLAN from the peer carrying a small UDP datagram from `inner_src` to `inner_dst`.
+pub fn tunnelled_from_peer(inner_src: [u8; 4], inner_dst: [u8; 4]) -> Vec<u8> {
+    let inner = ipv4(inner_src, inner_dst, 64, IPPROTO_UDP, &udp(1, 2, b"x"));
+    vxlan_frame(PEER_IP, 0x08, VNI, &peer_inner_frame(&inner), &[])
+}
+
 /// A UDP datagram from `src` to this node's port `dport`.
 pub fn udp_to_node(src: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
     let ip = ipv4(src, NODE_IP, 64, IPPROTO_UDP, &udp(45678, dport, payload));

@@ -252,53 +252,17 @@ fn vxlan_from_strangers_or_with_forged_inner_sources_is_dropped() -> Result<()> 
             ),
             (
                 "from a peer, inner source in another peer's lease",
-                vxlan_frame(
-                    PEER_IP,
-                    0x08,
-                    VNI,
-                    &peer_inner_frame(&ipv4(
-                        UNRESOLVED_VXLAN_POD,
-                        LOCAL_POD,
-                        64,
-                        IPPROTO_UDP,
-                        &udp(1, 2, b"x"),
-                    )),
-                    &[],
-                ),
+                tunnelled_from_peer(UNRESOLVED_VXLAN_POD, LOCAL_POD),
                 Counter::DropSpoofedInner,
             ),
             (
                 "from a peer, inner source in no lease",
-                vxlan_frame(
-                    PEER_IP,
-                    0x08,
-                    VNI,
-                    &peer_inner_frame(&ipv4(
-                        STRANGER_IP,
-                        LOCAL_POD,
-                        64,
-                        IPPROTO_UDP,
-                        &udp(1, 2, b"x"),
-                    )),
-                    &[],
-                ),
+                tunnelled_from_peer(STRANGER_IP, LOCAL_POD),
                 Counter::DropSpoofedInner,
             ),
             (
                 "from a peer, inner source outside every lease, to the node itself",
-                vxlan_frame(
-                    PEER_IP,
-                    0x08,
-                    VNI,
-                    &peer_inner_frame(&ipv4(
-                        [192, 0, 2, 1],
-                        OTHER_LOCAL_IP,
-                        64,
-                        IPPROTO_UDP,
-                        &udp(1, 2, b"x"),
-                    )),
-                    &[],
-                ),
+                tunnelled_from_peer([192, 0, 2, 1], OTHER_LOCAL_IP),
                 Counter::DropSpoofedInner,
             ),
             (
@@ -1125,34 +1089,10 @@ fn when_the_agent_stops_refreshing_everything_takes_the_kernel_path() -> Result<
 fn with_leases_missing_from_the_map_unknown_inner_sources_take_the_kernel_path() -> Result<()> {
     with_datapath(|dp| {
         dp.set_flags(CONFIG_LEASES_INCOMPLETE)?;
-        let frame = vxlan_frame(
-            PEER_IP,
-            0x08,
-            VNI,
-            &peer_inner_frame(&ipv4(
-                STRANGER_IP,
-                LOCAL_POD,
-                64,
-                IPPROTO_UDP,
-                &udp(1, 2, b"x"),
-            )),
-            &[],
-        );
+        let frame = tunnelled_from_peer(STRANGER_IP, LOCAL_POD);
         check_passed(dp, PROG_FROM_NETDEV, &[("inner source in no lease", frame)])?;
         // A source in another peer's lease is still forged.
-        let forged = vxlan_frame(
-            PEER_IP,
-            0x08,
-            VNI,
-            &peer_inner_frame(&ipv4(
-                UNRESOLVED_VXLAN_POD,
-                LOCAL_POD,
-                64,
-                IPPROTO_UDP,
-                &udp(1, 2, b"x"),
-            )),
-            &[],
-        );
+        let forged = tunnelled_from_peer(UNRESOLVED_VXLAN_POD, LOCAL_POD);
         ensure!(dp.run(PROG_FROM_NETDEV, &forged)?.action == TC_ACT_SHOT);
         Ok(())
     })
