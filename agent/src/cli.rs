@@ -1,6 +1,9 @@
 //! The `weft` command line, in the library so that tests (and deploy/weft.yml's checks)
 //! parse exactly what the binary parses (`Cli::try_parse_from`).
 
+use std::ffi::OsString;
+use std::path::Path;
+
 use clap::{Parser, Subcommand};
 
 use crate::config::AgentArgs;
@@ -28,4 +31,119 @@ pub enum Command {
     /// Make sure a BPF filesystem is mounted at /sys/fs/bpf and the pin directory exists
     /// (the DaemonSet's privileged init container, so the agent needs no mount rights).
     MountBpffs(MountBpffsArgs),
+}
+
+/// The names weft answers to besides its own: installed as `flanneld` it is the agent, so
+/// unit files and wrappers written for flanneld run it unchanged.
+const AGENT_ALIASES: [&str; 1] = ["flanneld"];
+
+/// The command line as clap should see it: `weft agent ...` when called by an agent alias,
+/// and Go flag-package spellings of the agent's flags (`-etcd-endpoints=x`,
+/// `-etcd-prefix x`, `-ip-masq`) rewritten to their long form, as flanneld accepted them.
+pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = args.into_iter().collect();
+    let called_as = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if AGENT_ALIASES.contains(&called_as.as_str()) {
+        args.insert(1, OsString::from("agent"));
+    }
+    if args.get(1).and_then(|a| a.to_str()) != Some("agent") {
+        return args;
+    }
+    let command = <Cli as clap::CommandFactory>::command();
+    let long_names: Vec<String> = command
+        .find_subcommand("agent")
+        .map(|agent| {
+            agent
+                .get_arguments()
+                .filter_map(|a| a.get_long().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(args.len());
+    let mut rest = args.into_iter();
+    out.extend(rest.by_ref().take(2));
+    for arg in rest.by_ref() {
+        let Some(text) = arg.to_str() else {
+            out.push(arg);
+            continue;
+        };
+        if text == "--" {
+            out.push(arg);
+            break;
+        }
+        let go_style = text
+            .strip_prefix('-')
+            .filter(|flag| !flag.starts_with('-'))
+            .map(|flag| flag.split_once('=').map_or(flag, |(name, _)| name))
+            .is_some_and(|name| long_names.iter().any(|known| known == name));
+        if go_style {
+            out.push(OsString::from(format!("-{text}")));
+        } else {
+            out.push(arg);
+        }
+    }
+    out.extend(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(normalize_args(args.iter().map(OsString::from)))
+    }
+
+    fn agent(args: &[&str]) -> crate::config::AgentArgs {
+        match parse(args)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+            .command
+        {
+            Command::Agent(agent) => *agent,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn go_style_flags_are_accepted_as_flanneld_took_them() {
+        let a = agent(&[
+            "weft",
+            "agent",
+            "-etcd-endpoints=http://10.0.0.1:2379",
+            "-etcd-prefix",
+            "/atomic.io/network",
+            "-ip-masq",
+            "-iface=eth1",
+            "--subnet-file=/tmp/subnet.env",
+            "-healthz-port",
+            "2401",
+        ]);
+        assert_eq!(a.etcd_endpoints, "http://10.0.0.1:2379");
+        assert_eq!(a.etcd_prefix, "/atomic.io/network");
+        assert!(a.ip_masq);
+        assert_eq!(a.iface, ["eth1"]);
+        assert_eq!(a.subnet_file, std::path::PathBuf::from("/tmp/subnet.env"));
+        assert_eq!(a.healthz_port, 2401);
+    }
+
+    #[test]
+    fn called_as_flanneld_it_is_the_agent() {
+        let a = agent(&["/usr/bin/flanneld", "-etcd-prefix=/coreos.com/network"]);
+        assert_eq!(a.etcd_prefix, "/coreos.com/network");
+    }
+
+    #[test]
+    fn unknown_single_dash_flags_still_fail_with_clap_s_message() {
+        let err = parse(&["weft", "agent", "-no-such-flag=1"]).unwrap_err();
+        assert!(err.to_string().contains("unexpected argument"), "{err}");
+        // A value that looks like a flag stays a value.
+        let a = agent(&["weft", "agent", "-etcd-prefix=-ip-masq"]);
+        assert_eq!(a.etcd_prefix, "-ip-masq");
+        assert!(!a.ip_masq);
+    }
 }

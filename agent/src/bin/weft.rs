@@ -5,7 +5,7 @@ use tracing_subscriber::EnvFilter;
 use weft::cli::{Cli, Command};
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(weft::cli::normalize_args(std::env::args_os()));
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
