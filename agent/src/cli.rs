@@ -31,11 +31,18 @@ pub enum Command {
     /// Make sure a BPF filesystem is mounted at /sys/fs/bpf and the pin directory exists
     /// (the DaemonSet's privileged init container, so the agent needs no mount rights).
     MountBpffs(MountBpffsArgs),
+    /// Generate Docker daemon options from subnet.env, as flannel's mk-docker-opts.sh
+    /// (the binary answers to that name too).
+    MkDockerOpts(crate::docker_opts::MkDockerOptsArgs),
 }
 
-/// The names weft answers to besides its own: installed as `flanneld` it is the agent, so
-/// unit files and wrappers written for flanneld run it unchanged.
-const AGENT_ALIASES: [&str; 1] = ["flanneld"];
+/// The names weft answers to besides its own, and the command each stands for: installed
+/// as `flanneld` it is the agent, as `mk-docker-opts.sh` the Docker options tool, so unit
+/// files and wrappers written for flannel run it unchanged.
+const ALIASES: [(&str, &str); 2] = [
+    ("flanneld", "agent"),
+    ("mk-docker-opts.sh", "mk-docker-opts"),
+];
 
 /// The command line as clap should see it: `weft agent ...` when called by an agent alias,
 /// and Go flag-package spellings of the agent's flags (`-etcd-endpoints=x`,
@@ -47,8 +54,8 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString>
         .and_then(|a| Path::new(a).file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    if AGENT_ALIASES.contains(&called_as.as_str()) {
-        args.insert(1, OsString::from("agent"));
+    if let Some((_, command)) = ALIASES.iter().find(|(name, _)| *name == called_as) {
+        args.insert(1, OsString::from(command));
     }
     if args.get(1).and_then(|a| a.to_str()) != Some("agent") {
         return args;

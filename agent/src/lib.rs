@@ -7,6 +7,7 @@ pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod dataplane;
+pub mod docker_opts;
 pub mod health;
 pub mod iface;
 pub mod install;

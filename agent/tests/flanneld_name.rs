@@ -39,3 +39,53 @@ fn installed_as_flanneld_it_is_the_agent_with_go_style_flags() {
         "{err}"
     );
 }
+
+#[test]
+fn installed_as_mk_docker_opts_sh_it_writes_dockers_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let tool = dir.path().join("mk-docker-opts.sh");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_weft"), &tool).unwrap();
+    let subnet_env = dir.path().join("subnet.env");
+    std::fs::write(
+        &subnet_env,
+        "FLANNEL_NETWORK=172.30.0.0/16\nFLANNEL_SUBNET=172.30.46.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+    )
+    .unwrap();
+    let docker = dir.path().join("docker");
+    // The packaged flanneld.service's ExecStartPost line, with our paths.
+    let out = Command::new(&tool)
+        .args(["-k", "DOCKER_NETWORK_OPTIONS", "-d"])
+        .arg(&docker)
+        .arg("-f")
+        .arg(&subnet_env)
+        .env_remove("DOCKER_NETWORK_OPTIONS")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&docker).unwrap(),
+        "DOCKER_OPT_BIP=\"--bip=172.30.46.1/24\"\n\
+         DOCKER_OPT_IPMASQ=\"--ip-masq=true\"\n\
+         DOCKER_OPT_MTU=\"--mtu=1450\"\n\
+         DOCKER_NETWORK_OPTIONS=\" --bip=172.30.46.1/24 --ip-masq=true --mtu=1450 \"\n"
+    );
+    // -i only, to /run/docker_opts.env's stand-in.
+    let individual = dir.path().join("docker_opts.env");
+    let out = Command::new(&tool)
+        .arg("-i")
+        .arg("-d")
+        .arg(&individual)
+        .arg("-f")
+        .arg(&subnet_env)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        std::fs::read_to_string(&individual).unwrap(),
+        "DOCKER_OPT_BIP=\"--bip=172.30.46.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=true\"\nDOCKER_OPT_MTU=\"--mtu=1450\"\n"
+    );
+}

@@ -24,6 +24,7 @@ fn main() -> std::process::ExitCode {
                 println!("weft install-cni: {file}");
             }
         }),
+        Command::MkDockerOpts(args) => weft::docker_opts::run(&args).map(drop),
         Command::MountBpffs(args) => {
             weft::install::mount_bpffs(&args).map(|done| println!("weft mount-bpffs: {done}"))
         }
