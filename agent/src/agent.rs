@@ -22,6 +22,7 @@ use crate::subnet::etcd::{EtcdOptions, EtcdSubnetManager};
 use crate::subnet::kube::{KubeOptions, KubeSubnetManager};
 use crate::subnet::SubnetManager;
 use crate::subnet_env::SubnetEnv;
+use crate::systemd;
 use std::sync::Arc;
 
 /// Runs `weft agent` until a signal or a fatal error.
@@ -35,6 +36,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     if args.kube_subnet_mgr {
         state.set_watch_restarts_counter(&crate::subnet::kube::WATCH_RESTARTS);
     }
+    systemd::status("connecting to the subnet store");
     let (subnets, selection, selection_reason) = subnet_manager(&args).await?;
     let conf = subnets.network_config().await?;
     for w in &conf.warnings {
@@ -62,12 +64,17 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     )
     .await?;
     info!("dataplane: {why}");
+    let why_dataplane = why.clone();
     let mut dataplane = Dataplane::for_netconf(backend, &conf, &ext, handle.clone());
     state.set_dataplane(DataplaneInfo::from_selection(&why, &args.bpf_dir));
     let previous = subnets.previous_lease(ext.public_ip).await?;
     let attrs = dataplane.register(previous.as_ref()).await?;
     let own = subnets.acquire_lease(&attrs).await?;
     info!(subnet = %own.subnet, "acquired lease");
+    systemd::status(&format!(
+        "lease {} acquired; programming the dataplane",
+        own.subnet
+    ));
     state.set_ready(ReadyPart::Lease, true);
     dataplane.configure(&own).await?;
     if args.ip_blackhole_route {
@@ -97,6 +104,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     .write(&args.subnet_file)?;
     info!(path = %args.subnet_file.display(), "wrote subnet.env; ready");
     state.set_ready(ReadyPart::SubnetEnv, true);
+    systemd::ready(&format!(
+        "ready: lease {}, {}, subnet.env written",
+        own.subnet, why_dataplane
+    ));
 
     let (tx, rx) = mpsc::channel(1024);
     let watch = {
@@ -165,6 +176,8 @@ async fn event_loop(
     let mut firewall_resync =
         tokio::time::interval(Duration::from_secs(args.iptables_resync.max(1)));
     let mut heartbeat = tokio::time::interval(bpf_options(args).heartbeat());
+    let watchdog_every = systemd::watchdog_interval();
+    let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
@@ -221,6 +234,7 @@ async fn event_loop(
                 uplink.check().await?;
                 resync_dataplane(dataplane, &leases, state).await
             }
+            _ = watchdog.tick(), if watchdog_every.is_some() => systemd::watchdog(),
             _ = heartbeat.tick() => {
                 if let Err(e) = dataplane.heartbeat() {
                     error!("refreshing the dataplane's config failed: {e:#}");
@@ -237,6 +251,7 @@ async fn event_loop(
     }
     // Leave the dataplane in place: pods keep their connectivity while weft restarts.
     info!("stopping; the dataplane stays in place");
+    systemd::stopping();
     Ok(())
 }
 

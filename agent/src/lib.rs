@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod plan;
 pub mod subnet;
 pub mod subnet_env;
+pub mod systemd;

@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+use clap::Parser;
+
 fn flanneld() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("flanneld");
@@ -87,5 +89,66 @@ fn installed_as_mk_docker_opts_sh_it_writes_dockers_options() {
     assert_eq!(
         std::fs::read_to_string(&individual).unwrap(),
         "DOCKER_OPT_BIP=\"--bip=172.30.46.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=true\"\nDOCKER_OPT_MTU=\"--mtu=1450\"\n"
+    );
+}
+
+/// The unit's ExecStart line, with the environment file's values substituted as systemd
+/// does (`${VAR}` whole, `$VAR` split on whitespace), parses as the agent's command line.
+#[test]
+fn the_systemd_units_exec_start_line_parses() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd");
+    let unit = std::fs::read_to_string(root.join("weft.service")).unwrap();
+    let env_file = std::fs::read_to_string(root.join("flanneld.env")).unwrap();
+    let mut vars: std::collections::BTreeMap<String, String> = env_file
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect();
+    vars.insert(
+        "FLANNEL_OPTIONS".into(),
+        "-iface=eth0 -ip-masq -healthz-port=2401".into(),
+    );
+    assert!(unit.contains("Type=notify") && unit.contains("Before=docker.service kubelet.service"));
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    let mut argv: Vec<String> = Vec::new();
+    for word in exec.split_whitespace() {
+        match word.strip_prefix('$').filter(|w| !w.starts_with('{')) {
+            Some(name) => argv.extend(vars[name].split_whitespace().map(str::to_string)),
+            None => {
+                let mut word = word.to_string();
+                for (k, v) in &vars {
+                    word = word.replace(&format!("${{{k}}}"), v);
+                }
+                argv.push(word);
+            }
+        }
+    }
+    let cli = weft::cli::Cli::try_parse_from(weft::cli::normalize_args(
+        argv.iter().map(std::ffi::OsString::from),
+    ))
+    .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let weft::cli::Command::Agent(agent) = cli.command else {
+        panic!("{argv:?} is not the agent");
+    };
+    assert_eq!(agent.etcd_endpoints, "http://127.0.0.1:2379");
+    assert_eq!(agent.etcd_prefix, "/atomic.io/network");
+    assert!(agent.ip_masq);
+    assert_eq!(agent.healthz_port, 2401);
+    let post = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStartPost="))
+        .expect("an ExecStartPost line");
+    let argv: Vec<&str> = post.split_whitespace().collect();
+    let cli = weft::cli::Cli::try_parse_from(weft::cli::normalize_args(
+        argv.iter().map(std::ffi::OsString::from),
+    ))
+    .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    assert!(
+        matches!(cli.command, weft::cli::Command::MkDockerOpts(_)),
+        "{argv:?}"
     );
 }

@@ -128,6 +128,8 @@ pub struct LabConfig {
     pub start_agents: bool,
     /// More flags for every `weft agent` (not `--dataplane` or `--bpf-dir`: the lab sets them).
     pub extra_agent_args: Vec<String>,
+    /// Environment variables added to every agent's (e.g. systemd's NOTIFY_SOCKET).
+    pub extra_agent_env: Vec<(String, String)>,
     /// More flags for one node's agent: node index (from 1) → flags.
     pub node_agent_args: BTreeMap<usize, Vec<String>>,
     /// The dataplane of every node without an entry in `node_dataplanes`.
@@ -152,6 +154,7 @@ impl Default for LabConfig {
             network: "10.244.0.0/16".to_string(),
             start_agents: true,
             extra_agent_args: Vec::new(),
+            extra_agent_env: Vec::new(),
             node_agent_args: BTreeMap::new(),
             dataplane: Dataplane::Kernel,
             node_dataplanes: BTreeMap::new(),
@@ -605,6 +608,7 @@ impl Lab {
         if self.api.is_some() {
             env.push(("NODE_NAME".to_string(), self.node(index).name.clone()));
         }
+        env.extend(self.config.extra_agent_env.iter().cloned());
         env
     }
 

@@ -99,3 +99,57 @@ fn agents_answer_probes_and_export_metrics_in_the_lab() {
     )
     .expect("the new lease is counted and its apply time observed");
 }
+
+/// What systemd would receive on `NOTIFY_SOCKET` from a `Type=notify` weft unit.
+#[test]
+fn systemd_hears_ready_status_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("binding the notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("a read timeout");
+    let mut lab = Lab::start(LabConfig {
+        nodes: 1,
+        backend: Backend::Vxlan,
+        dataplane: Dataplane::Kernel,
+        extra_agent_env: vec![
+            ("NOTIFY_SOCKET".into(), path.to_string_lossy().into_owned()),
+            ("WATCHDOG_USEC".into(), "1000000".into()),
+        ],
+        ..Default::default()
+    })
+    .expect("lab starts");
+    let mut heard = Vec::new();
+    let receive_until = |what: &str, heard: &mut Vec<String>| {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {what} within 20 s ({e}); heard {heard:#?}"));
+            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            heard.push(message.clone());
+            if message.lines().any(|l| l == what) {
+                return message;
+            }
+        }
+    };
+    let ready = receive_until("READY=1", &mut heard);
+    assert!(
+        ready.contains("STATUS=ready: lease 10.244.") && ready.contains("subnet.env written"),
+        "{ready}"
+    );
+    assert!(
+        heard.iter().any(|m| m.contains("STATUS=lease 10.244.")),
+        "a status line while programming: {heard:#?}"
+    );
+    // READY=1 came once subnet.env exists: pods can be configured.
+    assert!(lab
+        .subnet_env(1)
+        .expect("subnet.env")
+        .contains_key("FLANNEL_SUBNET"));
+    receive_until("WATCHDOG=1", &mut heard);
+    lab.stop_agent(1);
+    receive_until("STOPPING=1", &mut heard);
+}
