@@ -13,7 +13,9 @@ COPY . .
 RUN cargo xtask setup \
  && cargo xtask build-ebpf \
  && test -s target/bpf/weft.bpf.o \
- && cargo build --release --locked -p weft --bins
+ && cargo build --release --locked -p weft --bins \
+ && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked -p weft \
+      --bin weft-cni --target x86_64-unknown-linux-gnu --target-dir target/static
 
 # Runtime stage: the binaries and the tools the agent runs (nft, iptables with its
 # nf_tables and legacy variants, ip for diagnostics).
@@ -21,6 +23,8 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iproute2 nftables iptables ca-certificates \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/weft /src/target/release/weft-cni /usr/local/bin/
+# weft-cni is copied onto the host (/opt/cni/bin) and runs there: statically linked.
+COPY --from=build /src/target/release/weft /usr/local/bin/
+COPY --from=build /src/target/static/x86_64-unknown-linux-gnu/release/weft-cni /usr/local/bin/
 ENTRYPOINT ["/usr/local/bin/weft"]
 CMD ["--help"]

@@ -140,7 +140,9 @@ mod tests {
 
     #[test]
     fn called_as_flanneld_it_is_the_agent() {
-        let a = agent(&["/usr/bin/flanneld", "-etcd-prefix=/coreos.com/network"]);
+        // argv[0] as a unit file's ExecStart gives it (not a program this test starts).
+        let argv0 = "/usr/bin/flanneld";
+        let a = agent(&[argv0, "-etcd-prefix=/coreos.com/network"]);
         assert_eq!(a.etcd_prefix, "/coreos.com/network");
     }
 

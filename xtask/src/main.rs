@@ -86,11 +86,42 @@ fn test() -> Result<()> {
     setup::run()?;
     ebpf::build()?;
     execute(cargo().args(["build", "--workspace", "--bins"]))?;
+    build_static_cni()?;
     // Network tests each build a small namespace lab; two at a time fits 2 cores.
     execute(
         cargo()
             .args(["test", "--workspace"])
             .env("RUST_TEST_THREADS", "2"),
+    )
+}
+
+/// The host's target triple (the one rustup's toolchain builds for).
+pub(crate) fn host_triple() -> String {
+    format!("{}-unknown-linux-gnu", std::env::consts::ARCH)
+}
+
+/// Builds weft-cni statically linked (glibc's crt-static), into
+/// `target/static/<triple>/release/weft-cni`: the CNI plugin runs in the host's namespace
+/// from /opt/cni/bin, where the image's C library is not. An explicit `--target` keeps
+/// build scripts and proc macros dynamic; a target dir of its own keeps the flag from
+/// invalidating the rest of the build.
+pub(crate) fn build_static_cni() -> Result<()> {
+    let triple = host_triple();
+    execute(
+        cargo()
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "weft",
+                "--bin",
+                "weft-cni",
+                "--target",
+            ])
+            .arg(&triple)
+            .arg("--target-dir")
+            .arg(target_dir().join("static"))
+            .env("RUSTFLAGS", "-C target-feature=+crt-static"),
     )
 }
 

@@ -172,6 +172,11 @@ pub const REQUIREMENTS: &[Requirement] = &[
     ),
     program("mount", "mount", LAB),
     program("umount", "mount", LAB),
+    program(
+        "ldd",
+        "libc-bin",
+        "the test that weft-cni links no shared library",
+    ),
 ];
 
 /// The Debian packages of [`REQUIREMENTS`], each once, in list order.
