@@ -525,14 +525,18 @@ fn install_cni_writes_where_the_container_runtime_looks() {
 
     // The image puts weft-cni next to weft, where install-cni looks for it.
     let dockerfile = repo_file("Dockerfile");
+    let copies = |binary: &str| {
+        dockerfile.lines().any(|line| {
+            line.starts_with("COPY --from=build")
+                && line.contains(&format!("/{binary} "))
+                && line.ends_with(" /usr/local/bin/")
+        })
+    };
     assert!(
-        dockerfile
-            .lines()
-            .any(|line| line.starts_with("COPY --from=build")
-                && line.contains("/weft ")
-                && line.contains("/weft-cni ")
-                && line.ends_with(" /usr/local/bin/")),
-        "the Dockerfile copies weft and weft-cni into /usr/local/bin/"
+        copies("weft")
+            && copies("weft-cni")
+            && dockerfile.contains("target/static/x86_64-unknown-linux-gnu/release/weft-cni "),
+        "the Dockerfile copies weft and the static weft-cni into /usr/local/bin/"
     );
 }
 
