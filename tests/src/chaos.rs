@@ -141,11 +141,12 @@ pub fn run_scenario(fault: Fault) -> Result<Outcome> {
     let counters_before = lab.bpf_counters(2)?;
     let flow = TcpFlow::start(&a, &b, 7000, 1 << 20, Duration::from_secs(120))?;
     let flood = Flood::start(&a.ns, b.ip, u16::MAX, FLOOD_INTERVAL);
-    std::thread::sleep(Duration::from_millis(500));
 
     let (repaired_after, note) = inject(&mut lab, fault, &a, &b)?;
     // Traffic after the repair shows the path is whole, not just the state.
-    std::thread::sleep(Duration::from_secs(1));
+    wait_until("a ping crosses after the repair", REPAIR_LIMIT, || {
+        Ok(lab.ping(&a, b.ip))
+    })?;
     let flood = flood.stop()?;
     let stream = flow.finish();
     let (stream_intact, longest_stall) = match &stream {
@@ -275,6 +276,7 @@ fn inject(lab: &mut Lab, fault: Fault, a: &Pod, b: &Pod) -> Result<(Option<Durat
         }
         Fault::ApiServerDown => {
             lab.freeze_api_server(true)?;
+            // The outage's length, not a wait for anything.
             std::thread::sleep(Duration::from_secs(30));
             lab.freeze_api_server(false)?;
             let when = repaired(
