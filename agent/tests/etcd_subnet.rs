@@ -181,16 +181,61 @@ async fn unreachable_etcd_names_the_flag_and_the_endpoint() {
     );
     assert!(err.contains("--etcd-endpoints"), "{err}");
     assert!(err.contains(&format!("http://127.0.0.1:{port}")), "{err}");
+}
 
-    let opts = EtcdOptions {
-        endpoints: vec!["https://127.0.0.1:2379".into()],
-        ..EtcdOptions::default()
+/// `--etcd-username/--etcd-password` against an etcd with authentication enabled.
+#[tokio::test]
+async fn username_and_password_authenticate_to_etcd() {
+    let prefix = "/coreos.com/network";
+    let etcd = Etcd::configured(prefix).await;
+    let mut admin = etcd.client().await;
+    admin.user_add("root", "root-secret", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.user_add("flannel", "s3cret", None).await.unwrap();
+    admin.role_add("flannel").await.unwrap();
+    admin
+        .role_grant_permission(
+            "flannel",
+            etcd_client::Permission::read_write(prefix).with_prefix(),
+        )
+        .await
+        .unwrap();
+    admin.user_grant_role("flannel", "flannel").await.unwrap();
+    admin.auth_enable().await.unwrap();
+
+    let with_password = |password: &str| EtcdOptions {
+        username: Some("flannel".into()),
+        password: Some(password.into()),
+        ..etcd.options(prefix)
     };
+    let mgr = EtcdSubnetManager::connect(with_password("s3cret"))
+        .await
+        .expect("the right password connects");
+    let conf = mgr.network_config().await.expect("the config is readable");
+    assert_eq!(conf.network.to_string(), "10.244.0.0/16");
+
     let err = format!(
         "{:#}",
-        EtcdSubnetManager::connect(opts).await.err().unwrap()
+        EtcdSubnetManager::connect(with_password("wrong"))
+            .await
+            .err()
+            .expect("a wrong password must fail")
     );
-    assert!(err.contains("does not support TLS"), "{err}");
+    assert!(
+        err.contains("refused --etcd-username flannel with the given --etcd-password"),
+        "{err}"
+    );
+    // Without credentials, etcd answers but refuses the read.
+    let anonymous = EtcdSubnetManager::connect(etcd.options(prefix)).await;
+    let refused = match anonymous {
+        Ok(mgr) => format!("{:#}", mgr.network_config().await.unwrap_err()),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        refused.contains("requires authentication")
+            && refused.contains("set --etcd-username and --etcd-password"),
+        "{refused}"
+    );
 }
 
 #[tokio::test]

@@ -98,35 +98,14 @@ fn installed_as_mk_docker_opts_sh_it_writes_dockers_options() {
 fn the_systemd_units_exec_start_line_parses() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd");
     let unit = std::fs::read_to_string(root.join("weft.service")).unwrap();
-    let env_file = std::fs::read_to_string(root.join("flanneld.env")).unwrap();
-    let mut vars: std::collections::BTreeMap<String, String> = env_file
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
-        .collect();
-    vars.insert(
-        "FLANNEL_OPTIONS".into(),
-        "-iface=eth0 -ip-masq -healthz-port=2401".into(),
-    );
     assert!(unit.contains("Type=notify") && unit.contains("Before=docker.service kubelet.service"));
-    let exec = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("ExecStart="))
-        .expect("an ExecStart line");
-    let mut argv: Vec<String> = Vec::new();
-    for word in exec.split_whitespace() {
-        match word.strip_prefix('$').filter(|w| !w.starts_with('{')) {
-            Some(name) => argv.extend(vars[name].split_whitespace().map(str::to_string)),
-            None => {
-                let mut word = word.to_string();
-                for (k, v) in &vars {
-                    word = word.replace(&format!("${{{k}}}"), v);
-                }
-                argv.push(word);
-            }
-        }
-    }
+    let commands = weft_tests::unit_file::unit_commands(
+        &root.join("weft.service"),
+        &root.join("flanneld.env"),
+        &[("FLANNEL_OPTIONS", "-iface=eth0 -ip-masq -healthz-port=2401")],
+    )
+    .unwrap();
+    let argv = commands.exec_start;
     let cli = weft::cli::Cli::try_parse_from(weft::cli::normalize_args(
         argv.iter().map(std::ffi::OsString::from),
     ))
@@ -138,10 +117,7 @@ fn the_systemd_units_exec_start_line_parses() {
     assert_eq!(agent.etcd_prefix, "/atomic.io/network");
     assert!(agent.ip_masq);
     assert_eq!(agent.healthz_port, 2401);
-    let post = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("ExecStartPost="))
-        .expect("an ExecStartPost line");
+    let post = commands.exec_start_post.join(" ");
     let argv: Vec<&str> = post.split_whitespace().collect();
     let cli = weft::cli::Cli::try_parse_from(weft::cli::normalize_args(
         argv.iter().map(std::ffi::OsString::from),

@@ -18,12 +18,13 @@ use tempfile::TempDir;
 
 use crate::apiserver::{ControlClient, Rule, User};
 use crate::bpf::{self as bpf_maps, BpfCounters, Bpffs, TcFilter};
-use crate::etcd::{Etcd, ETCD_ENDPOINT};
+use crate::etcd::{Etcd, EtcdTlsFiles};
 use crate::exec::{ip, run, run_in, wait_until, Cmd};
 use crate::icmp;
 use crate::kube_lab::{self, ApiServer};
 use crate::kube_proxy::{self, Protocol, ProxyMode, Service};
 use crate::netns::{self, HOST_LOCAL_STATE, TEMP_DIR_PREFIX};
+use crate::pki::EtcdPki;
 use crate::process::{tail, Capture, NetnsProcess};
 
 /// etcd prefix of the network config and leases (flannel's default).
@@ -143,6 +144,9 @@ pub struct LabConfig {
     pub subnet_manager: SubnetManager,
     /// Per-node exceptions in kube mode.
     pub kube: KubeLabConfig,
+    /// etcd serves https only and requires client certificates (the lab's CA signs them);
+    /// the agents get `--etcd-cafile`, `--etcd-certfile` and `--etcd-keyfile`.
+    pub etcd_tls: bool,
 }
 
 impl Default for LabConfig {
@@ -161,6 +165,7 @@ impl Default for LabConfig {
             direct_routing: false,
             subnet_manager: SubnetManager::Etcd,
             kube: KubeLabConfig::default(),
+            etcd_tls: false,
         }
     }
 }
@@ -274,6 +279,8 @@ pub struct Lab {
     cni_bin_dir: PathBuf,
     fabric: String,
     etcd: Option<Etcd>,
+    /// The certificates of a TLS etcd (`config.etcd_tls`).
+    etcd_pki: Option<EtcdPki>,
     /// Kube mode: the API server emulator in the fabric namespace.
     api: Option<ApiServer>,
     /// Kube mode: the bearer token of each node's user, by node index.
@@ -317,6 +324,7 @@ impl Lab {
             bin_dir,
             cni_bin_dir,
             etcd: None,
+            etcd_pki: None,
             api: None,
             kube_users: BTreeMap::new(),
             nodes: Vec::new(),
@@ -334,7 +342,12 @@ impl Lab {
             SubnetManager::Etcd => {
                 let etcd_dir = lab.dir.path().join("etcd");
                 let etcd_log = lab.dir.path().join("etcd.log");
-                lab.etcd = Some(Etcd::start(&lab.fabric, &etcd_dir, &etcd_log)?);
+                if lab.config.etcd_tls {
+                    let pki_dir = lab.dir.path().join("pki");
+                    lab.etcd_pki = Some(EtcdPki::new(&pki_dir, &FABRIC_IP.to_string())?);
+                }
+                let tls = lab.etcd_pki.as_ref().map(EtcdTlsFiles::from);
+                lab.etcd = Some(Etcd::start(&lab.fabric, &etcd_dir, &etcd_log, tls)?);
                 let net_conf = lab.config.net_conf();
                 lab.etcdctl(&["put", &format!("{ETCD_PREFIX}/config"), &net_conf])?;
             }
@@ -562,12 +575,24 @@ impl Lab {
         let node = self.node(index);
         let mut args: Vec<String> = vec![weft.to_string_lossy().into_owned(), "agent".into()];
         match &self.api {
-            None => args.extend([
-                "--etcd-endpoints".into(),
-                ETCD_ENDPOINT.into(),
-                "--etcd-prefix".into(),
-                ETCD_PREFIX.into(),
-            ]),
+            None => {
+                args.extend([
+                    "--etcd-endpoints".into(),
+                    self.etcd_endpoint()?.into(),
+                    "--etcd-prefix".into(),
+                    ETCD_PREFIX.into(),
+                ]);
+                if let Some(pki) = &self.etcd_pki {
+                    for (flag, path) in [
+                        ("--etcd-cafile", &pki.ca.cert),
+                        ("--etcd-certfile", &pki.client.cert),
+                        ("--etcd-keyfile", &pki.client.key),
+                    ] {
+                        args.push(flag.into());
+                        args.push(path.to_string_lossy().into_owned());
+                    }
+                }
+            }
             Some(api) => args.extend([
                 "--kube-subnet-mgr".into(),
                 "--kubeconfig-file".into(),
@@ -617,6 +642,16 @@ impl Lab {
     pub fn spawn_agent(&mut self, index: usize) -> Result<(Instant, Option<FileStamp>)> {
         let args = self.agent_args(index)?;
         let env = self.agent_env(index);
+        self.spawn_agent_command(index, args, env)
+    }
+
+    /// Spawns `args` as the agent of node `index` (see [`Lab::spawn_agent`]).
+    pub fn spawn_agent_command(
+        &mut self,
+        index: usize,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Result<(Instant, Option<FileStamp>)> {
         let node = self.node_mut(index);
         if node
             .agent
@@ -640,6 +675,42 @@ impl Lab {
         )?;
         node.agent = Some(agent);
         Ok((started, before))
+    }
+
+    /// `argv` wrapped to run on node `index` with flannel's default paths, as on a host
+    /// that runs flanneld by hand or from its unit: in a private mount namespace whose
+    /// /run is a tmpfs with the node's directory bound at /run/flannel (so
+    /// /run/flannel/subnet.env is the node's subnet file) and whose /sys/fs/bpf is a bpffs
+    /// of its own; working directory /run/flannel. The machine's /run and bpffs stay untouched.
+    pub fn host_paths_command(&self, index: usize, argv: &[String]) -> Vec<String> {
+        let (unshare, shell) = ("unshare", "sh");
+        let script = "mount -t tmpfs lab-run /run && mkdir /run/flannel \
+            && mount --bind \"$0\" /run/flannel && mount -t bpf bpf /sys/fs/bpf \
+            && cd /run/flannel && exec \"$@\"";
+        let mut args: Vec<String> = vec![
+            unshare.into(),
+            "--mount".into(),
+            "--propagation".into(),
+            "private".into(),
+            shell.into(),
+            "-c".into(),
+            script.into(),
+            self.node(index).dir.to_string_lossy().into_owned(),
+        ];
+        args.extend(argv.iter().cloned());
+        args
+    }
+
+    /// A link named `name` to the weft binary in the lab's directory, as packages install
+    /// weft under flannel's names (`flanneld`, `mk-docker-opts.sh`).
+    pub fn weft_as(&self, name: &str) -> Result<PathBuf> {
+        let link = self.dir.path().join("bin-as").join(name);
+        if !link.exists() {
+            std::fs::create_dir_all(link.parent().unwrap())?;
+            std::os::unix::fs::symlink(self.binary("weft")?, &link)
+                .with_context(|| format!("linking {}", link.display()))?;
+        }
+        Ok(link)
     }
 
     /// Waits (at most 15 s) until the agent of node `index` (re)wrote its subnet file,
@@ -996,6 +1067,22 @@ impl Lab {
             .ctl(args)
     }
 
+    /// The lab etcd's client URL (`https://` with `config.etcd_tls`).
+    pub fn etcd_endpoint(&self) -> Result<&'static str> {
+        Ok(self
+            .etcd
+            .as_ref()
+            .ok_or_else(|| anyhow!("the lab has no etcd"))?
+            .endpoint())
+    }
+
+    /// The certificates of the lab's TLS etcd (`config.etcd_tls`): its CA makes more.
+    pub fn etcd_pki(&self) -> Result<&EtcdPki> {
+        self.etcd_pki
+            .as_ref()
+            .ok_or_else(|| anyhow!("the lab's etcd does not use TLS (LabConfig::etcd_tls)"))
+    }
+
     /// Stops the lab's etcd and starts it again on the same data; returns when it is
     /// healthy, with how long it was gone.
     pub fn restart_etcd(&mut self) -> Result<Duration> {
@@ -1007,7 +1094,8 @@ impl Lab {
         etcd.stop();
         let etcd_dir = self.dir.path().join("etcd");
         let etcd_log = self.dir.path().join("etcd.log");
-        self.etcd = Some(Etcd::start(&self.fabric, &etcd_dir, &etcd_log)?);
+        let tls = self.etcd_pki.as_ref().map(EtcdTlsFiles::from);
+        self.etcd = Some(Etcd::start(&self.fabric, &etcd_dir, &etcd_log, tls)?);
         Ok(started.elapsed())
     }
 

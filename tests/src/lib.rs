@@ -26,9 +26,11 @@ pub mod lab;
 pub mod load;
 pub mod netns;
 pub mod packet;
+pub mod pki;
 pub mod plain_flannel;
 pub mod process;
 pub mod traffic;
+pub mod unit_file;
 pub mod workload;
 
 pub use bpf::{BpfCounters, TcFilter};

@@ -173,6 +173,11 @@ pub const REQUIREMENTS: &[Requirement] = &[
     program("mount", "mount", LAB),
     program("umount", "mount", LAB),
     program(
+        "unshare",
+        "util-linux",
+        "the lab node run with flannel's default paths (a private mount namespace)",
+    ),
+    program(
         "ldd",
         "libc-bin",
         "the test that weft-cni links no shared library",

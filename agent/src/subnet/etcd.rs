@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::alloc::{self, AllocInput, Choice};
+use super::etcd_tls::{self, EtcdTls, ProbeFailure, TlsFiles};
 use super::SubnetManager;
 use crate::config::NetConf;
 use crate::lease::{parse_subnet_key, subnet_key, Lease, LeaseAttrs, LeaseEvent, LeaseWatchEvent};
@@ -163,31 +164,64 @@ impl EtcdSubnetManager {
                 "--etcd-endpoints is empty: give at least one endpoint, e.g. http://127.0.0.1:2379"
             );
         }
-        let tls_flags = [
-            ("--etcd-keyfile", &opts.keyfile),
-            ("--etcd-certfile", &opts.certfile),
-            ("--etcd-cafile", &opts.cafile),
-        ];
-        if let Some((flag, _)) = tls_flags.iter().find(|(_, v)| v.is_some()) {
-            bail!("{flag} is set, but weft does not support TLS to etcd yet: use an http:// endpoint without the --etcd-keyfile/--etcd-certfile/--etcd-cafile flags, or the Kubernetes subnet manager (--kube-subnet-mgr)");
-        }
         let endpoints = opts
             .endpoints
             .iter()
             .map(|e| match e.trim() {
-                e if e.starts_with("https://") => Err(anyhow!(
-                    "--etcd-endpoints: {e} uses https, but weft does not support TLS to etcd yet: use an http:// endpoint"
-                )),
-                e if e.starts_with("http://") => Ok(e.to_string()),
-                e if e.contains("://") => Err(anyhow!("--etcd-endpoints: {e} has an unknown scheme: write it like http://127.0.0.1:2379")),
+                e if e.starts_with("https://") || e.starts_with("http://") => Ok(e.to_string()),
+                e if e.contains("://") => Err(anyhow!("--etcd-endpoints: {e} has an unknown scheme: write it like https://10.0.0.1:2379 or http://127.0.0.1:2379")),
                 e => Ok(format!("http://{e}")),
             })
             .collect::<Result<Vec<_>>>()?;
+        let tls_files = TlsFiles {
+            cafile: opts.cafile.clone(),
+            certfile: opts.certfile.clone(),
+            keyfile: opts.keyfile.clone(),
+        };
+        let uses_tls = endpoints.iter().any(|e| e.starts_with("https://"));
+        // Read and checked even for http endpoints, as flanneld does.
+        let tls = if uses_tls || tls_files.any() {
+            Some(EtcdTls::load(&tls_files, SystemTime::now())?)
+        } else {
+            None
+        };
+        if let Some(tls) = tls.as_ref().filter(|_| uses_tls) {
+            // The first https endpoint that answers proves the files right; if none does,
+            // a TLS failure is the error (anything else the regular connect reports).
+            let mut tls_failure = None;
+            for endpoint in endpoints.iter().filter(|e| e.starts_with("https://")) {
+                match tls.probe(endpoint).await {
+                    Ok(()) => {
+                        tls_failure = None;
+                        break;
+                    }
+                    Err(ProbeFailure::Tls(why)) => {
+                        debug!(endpoint = %endpoint, "TLS probe: {why}");
+                        tls_failure.get_or_insert(why);
+                    }
+                    Err(ProbeFailure::Other(why)) => {
+                        debug!(endpoint = %endpoint, "TLS probe: {why}")
+                    }
+                    Err(ProbeFailure::Version) => {
+                        debug!(endpoint = %endpoint, "TLS probe: no common TLS version")
+                    }
+                }
+            }
+            if let Some(why) = tls_failure {
+                bail!("{why}");
+            }
+        }
+        if tls_files.any() && !uses_tls {
+            warn!("--etcd-cafile/--etcd-certfile/--etcd-keyfile are set but every --etcd-endpoints URL is http://: talking plain HTTP to etcd, as flanneld does; write https:// to use TLS");
+        }
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             // HTTP/2 pings notice a dead etcd on an otherwise idle watch stream.
             .with_keep_alive(Duration::from_secs(30), Duration::from_secs(10))
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = tls.filter(|_| uses_tls) {
+            options = options.with_tls(tls.options());
+        }
         match (&opts.username, &opts.password) {
             (Some(user), Some(password)) => options = options.with_user(user, password),
             (None, None) => {}
@@ -199,10 +233,15 @@ impl EtcdSubnetManager {
             }
         }
         let prefix = opts.prefix.trim_end_matches('/').to_string();
+        let joined = endpoints.join(",");
+        let tls_hint = if uses_tls {
+            ""
+        } else {
+            "; if etcd serves TLS, write https:// and give --etcd-cafile, --etcd-certfile and --etcd-keyfile"
+        };
         let unreachable = |e: &dyn std::fmt::Display| {
             anyhow!(
-                "cannot reach etcd at {} (--etcd-endpoints): {e}; check that etcd runs there and that the address is right",
-                endpoints.join(",")
+                "cannot reach etcd at {joined} (--etcd-endpoints): {e}; check that etcd runs there and that the address is right{tls_hint}"
             )
         };
         let probe = async {
@@ -217,7 +256,27 @@ impl EtcdSubnetManager {
         };
         let client = match tokio::time::timeout(CONNECT_TIMEOUT, probe).await {
             Ok(Ok(client)) => client,
-            Ok(Err(e)) => return Err(unreachable(&e)),
+            Ok(Err(e)) => {
+                if let Some(why) = etcd_tls::explain(&e, &tls_files, &joined) {
+                    bail!("{why} ({e})");
+                }
+                if let etcd_client::Error::GRpcStatus(status) = &e {
+                    let message = status.message();
+                    match &opts.username {
+                        Some(user) if message.contains("authentication failed") => bail!(
+                            "etcd at {joined} refused --etcd-username {user} with the given --etcd-password ({message}): check both against etcd's users (etcdctl user get {user})"
+                        ),
+                        None if message.contains("user name is empty") => bail!(
+                            "etcd at {joined} requires authentication ({message}): set --etcd-username and --etcd-password (FLANNELD_ETCD_USERNAME, FLANNELD_ETCD_PASSWORD)"
+                        ),
+                        _ if message.contains("permission denied") => bail!(
+                            "etcd at {joined} denies reading {prefix}/config ({message}): grant this user read-write on the prefix (etcdctl role grant-permission ROLE --prefix=true readwrite {prefix}/)"
+                        ),
+                        _ => {}
+                    }
+                }
+                return Err(unreachable(&e));
+            }
             Err(_) => {
                 return Err(unreachable(&format!(
                     "no answer within {CONNECT_TIMEOUT:?}"

@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod etcd;
+pub mod etcd_tls;
 pub mod kube;
 
 use std::net::Ipv4Addr;
