@@ -41,6 +41,11 @@ fn free_ports() -> (u16, u16) {
 
 impl Etcd {
     async fn start() -> Etcd {
+        Etcd::start_with(&[]).await
+    }
+
+    /// With more etcd flags.
+    async fn start_with(extra: &[&str]) -> Etcd {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -69,6 +74,7 @@ impl Etcd {
                     &peer,
                 ])
                 .args(["--initial-cluster", &format!("weft-test={peer}")])
+                .args(extra)
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -187,7 +193,13 @@ async fn unreachable_etcd_names_the_flag_and_the_endpoint() {
 #[tokio::test]
 async fn username_and_password_authenticate_to_etcd() {
     let prefix = "/coreos.com/network";
-    let etcd = Etcd::configured(prefix).await;
+    // Tokens expire after 2 s idle (etcd's default is 5 min).
+    let etcd = Etcd::start_with(&["--auth-token-ttl", "2"]).await;
+    etcd.client()
+        .await
+        .put(format!("{prefix}/config"), CONFIG, None)
+        .await
+        .unwrap();
     let mut admin = etcd.client().await;
     admin.user_add("root", "root-secret", None).await.unwrap();
     admin.user_grant_role("root", "root").await.unwrap();
@@ -213,6 +225,11 @@ async fn username_and_password_authenticate_to_etcd() {
         .expect("the right password connects");
     let conf = mgr.network_config().await.expect("the config is readable");
     assert_eq!(conf.network.to_string(), "10.244.0.0/16");
+    // Idle past the token's TTL (the fault's length): the next request gets a new token.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    mgr.network_config()
+        .await
+        .expect("the config is readable after the token expired");
 
     let err = format!(
         "{:#}",

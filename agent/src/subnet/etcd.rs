@@ -223,7 +223,12 @@ impl EtcdSubnetManager {
             options = options.with_tls(tls.options());
         }
         match (&opts.username, &opts.password) {
-            (Some(user), Some(password)) => options = options.with_user(user, password),
+            // etcd's tokens expire (5 min idle by default): fetch a new one when told.
+            (Some(user), Some(password)) => {
+                options = options
+                    .with_user(user, password)
+                    .with_auto_token_refresh(true)
+            }
             (None, None) => {}
             (Some(_), None) => {
                 bail!("--etcd-username is set without --etcd-password: set both or neither")
