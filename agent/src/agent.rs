@@ -18,6 +18,7 @@ use crate::iface::{self, IfaceSelection};
 use crate::lease::{subnet_key, Lease, LeaseEvent, LeaseWatchEvent};
 use crate::masq::{self, Firewall, MasqSpec};
 use crate::metrics::{AgentState, DataplaneInfo, PeerHealth, ReadyPart};
+use crate::status;
 use crate::subnet::etcd::{EtcdOptions, EtcdSubnetManager};
 use crate::subnet::kube::{KubeOptions, KubeSubnetManager};
 use crate::subnet::SubnetManager;
@@ -66,7 +67,21 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     info!("dataplane: {why}");
     let why_dataplane = why.clone();
     let mut dataplane = Dataplane::for_netconf(backend, &conf, &ext, handle.clone());
-    state.set_dataplane(DataplaneInfo::from_selection(&why, &args.bpf_dir));
+    let info = DataplaneInfo::from_selection(&why, &args.bpf_dir);
+    let healthz =
+        (args.healthz_port != 0).then(|| format!("{}:{}", args.healthz_ip, args.healthz_port));
+    // For `weft status`, which reads it while the agent is down too.
+    if let Err(e) = status::record_agent(
+        &args.subnet_file,
+        &info,
+        &args.bpf_dir,
+        conf.backend.type_name(),
+        &ext,
+        healthz,
+    ) {
+        warn!("cannot record the agent's state for `weft status`: {e:#}");
+    }
+    state.set_dataplane(info);
     let previous = subnets.previous_lease(ext.public_ip).await?;
     let attrs = dataplane.register(previous.as_ref()).await?;
     let own = subnets.acquire_lease(&attrs).await?;
@@ -365,19 +380,26 @@ pub async fn cleanup(args: &AgentArgs) -> Result<()> {
         "removing the masquerade and forward rules",
         masq::remove_all().map(|()| info!("cleanup: removed weft's masquerade and forward rules")),
     );
-    step(
-        "removing subnet.env",
-        match std::fs::remove_file(&args.subnet_file) {
-            Ok(()) => {
-                info!("cleanup: removed {}", args.subnet_file.display());
-                Ok(())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => {
-                Err(e).with_context(|| format!("--subnet-file {}", args.subnet_file.display()))
-            }
-        },
-    );
+    // subnet.env and, beside it, the agent's record for `weft status`.
+    for (what, path) in [
+        ("removing subnet.env", args.subnet_file.clone()),
+        (
+            "removing the agent's record",
+            crate::inspect::AgentRecord::path(&args.subnet_file),
+        ),
+    ] {
+        step(
+            what,
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    info!("cleanup: removed {}", path.display());
+                    Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+            },
+        );
+    }
     if !failures.is_empty() {
         bail!(
             "cleanup incomplete: {} (see the errors above)",

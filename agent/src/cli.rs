@@ -34,6 +34,12 @@ pub enum Command {
     /// Generate Docker daemon options from subnet.env, as flannel's mk-docker-opts.sh
     /// (the binary answers to that name too).
     MkDockerOpts(crate::docker_opts::MkDockerOptsArgs),
+    /// This node's network at a glance: the agent, the dataplane and why, the lease, peers
+    /// and their path, pods learned, counters and what needs attention. Works while the
+    /// agent is down (from subnet.env, the agent's record, the pinned maps, the routes).
+    Status(crate::status::StatusArgs),
+    /// The pinned BPF maps, decoded: leases, peers, endpoints, counters, config.
+    Bpf(crate::status::BpfArgs),
 }
 
 /// The names weft answers to besides its own, and the command each stands for: installed

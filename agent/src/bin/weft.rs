@@ -25,6 +25,16 @@ fn main() -> std::process::ExitCode {
             }
         }),
         Command::MkDockerOpts(args) => weft::docker_opts::run(&args).map(drop),
+        Command::Status(args) => weft::status::status(&args).and_then(|report| {
+            match args.output {
+                weft::status::Output::Json => {
+                    println!("{}", serde_json::to_string_pretty(&report)?)
+                }
+                weft::status::Output::Table => print!("{}", report.render()),
+            }
+            Ok(())
+        }),
+        Command::Bpf(args) => weft::status::bpf(&args).map(|text| print!("{text}")),
         Command::MountBpffs(args) => {
             weft::install::mount_bpffs(&args).map(|done| println!("weft mount-bpffs: {done}"))
         }

@@ -408,7 +408,7 @@ fn read_leases(map: &LeaseMap) -> Result<BTreeMap<Ipv4Network, LeaseEntry>> {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
