@@ -71,8 +71,25 @@ fn a_node_from_the_unit_file_and_a_daemonset_node_share_a_tls_etcd() {
         .timeout(Duration::from_secs(10))
         .run();
     post.expect("mk-docker-opts.sh runs");
-    // The DaemonSet's way: `weft agent` with --etcd-cafile/--etcd-certfile/--etcd-keyfile.
-    lab.start_agent(2)
+    // The DaemonSet's way: `weft agent` with its flags, the TLS files given as the
+    // FLANNELD_* variables a manifest sets from a Secret.
+    let pki = lab.etcd_pki().unwrap();
+    let tls_env = [
+        ("FLANNELD_ETCD_CAFILE", &pki.ca.cert),
+        ("FLANNELD_ETCD_CERTFILE", &pki.client.cert),
+        ("FLANNELD_ETCD_KEYFILE", &pki.client.key),
+    ];
+    let mut env: Vec<(String, String)> = tls_env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string_lossy().into_owned()))
+        .collect();
+    env.push(("RUST_LOG".into(), "info".into()));
+    let mut args = lab.agent_args(2).unwrap();
+    for flag in ["--etcd-cafile", "--etcd-certfile", "--etcd-keyfile"] {
+        args = with(&args, flag, None);
+    }
+    let (_, before) = lab.spawn_agent_command(2, args, env).unwrap();
+    lab.wait_agent_ready(2, before)
         .expect("the DaemonSet-style node takes a lease over TLS");
 
     let env1 = lab.subnet_env(1).unwrap();
