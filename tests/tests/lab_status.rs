@@ -9,9 +9,10 @@ use weft_tests::{wait_until, Dataplane, Lab, LabConfig};
 
 const HEALTHZ_PORT: u16 = 8471;
 
-/// Runs `weft <args>` on node `index`; returns stdout, failing unless it exits 0.
-fn weft(lab: &Lab, index: usize, args: &[&str]) -> String {
+/// Runs `weft <command> <args>` on node `index`; returns stdout, failing unless it exits 0.
+fn weft(lab: &Lab, index: usize, command: &str, args: &[&str]) -> String {
     let mut argv = vec![lab.binary("weft").unwrap().to_string_lossy().into_owned()];
+    argv.extend(command.split_whitespace().map(str::to_string));
     argv.extend(args.iter().map(|a| a.to_string()));
     Cmd::new(argv)
         .netns(lab.node_ns(index))
@@ -25,7 +26,8 @@ fn status_json(lab: &Lab, index: usize) -> Value {
     let out = weft(
         lab,
         index,
-        &["status", "--subnet-file", &subnet_file, "-o", "json"],
+        "status",
+        &["--subnet-file", &subnet_file, "-o", "json"],
     );
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
@@ -107,7 +109,7 @@ fn status_and_bpf_maps_read_the_node_while_the_agent_runs_and_after_it_stopped()
         .subnet_file
         .to_string_lossy()
         .into_owned();
-    let text = weft(&lab, bpf_node, &["status", "--subnet-file", &subnet_file]);
+    let text = weft(&lab, bpf_node, "status", &["--subnet-file", &subnet_file]);
     for expected in [
         "Agent:       running",
         "Dataplane:   bpf (the kernel accepted the programs",
@@ -136,7 +138,8 @@ fn status_and_bpf_maps_read_the_node_while_the_agent_runs_and_after_it_stopped()
     let leases: Value = serde_json::from_str(&weft(
         &lab,
         bpf_node,
-        &["bpf", "leases", "--bpf-dir", &bpf_dir, "-o", "json"],
+        "bpf leases",
+        &["--bpf-dir", &bpf_dir, "-o", "json"],
     ))
     .unwrap();
     assert_eq!(
@@ -148,22 +151,22 @@ fn status_and_bpf_maps_read_the_node_while_the_agent_runs_and_after_it_stopped()
             "vtep_mac": lab.link_mac(lab.node_ns(kernel_node), "flannel.1").unwrap(),
         }])
     );
-    let endpoints = weft(&lab, bpf_node, &["bpf", "endpoints", "--bpf-dir", &bpf_dir]);
+    let endpoints = weft(&lab, bpf_node, "bpf endpoints", &["--bpf-dir", &bpf_dir]);
     assert!(
         endpoints.starts_with("POD IP") && endpoints.contains(&pods[0].ip.to_string()),
         "{endpoints}"
     );
-    let peers = weft(&lab, bpf_node, &["bpf", "peers", "--bpf-dir", &bpf_dir]);
+    let peers = weft(&lab, bpf_node, "bpf peers", &["--bpf-dir", &bpf_dir]);
     assert!(
         peers.contains(&lab.node_ip(kernel_node).to_string()),
         "{peers}"
     );
-    let counters = weft(&lab, bpf_node, &["bpf", "counters", "--bpf-dir", &bpf_dir]);
+    let counters = weft(&lab, bpf_node, "bpf counters", &["--bpf-dir", &bpf_dir]);
     assert!(
         counters.lines().any(|l| l.starts_with("encap ")),
         "{counters}"
     );
-    let config = weft(&lab, bpf_node, &["bpf", "config", "--bpf-dir", &bpf_dir]);
+    let config = weft(&lab, bpf_node, "bpf config", &["--bpf-dir", &bpf_dir]);
     assert!(
         config.contains("VNI:         1 (UDP port 8472)"),
         "{config}"
@@ -187,7 +190,8 @@ fn status_and_bpf_maps_read_the_node_while_the_agent_runs_and_after_it_stopped()
     );
     let bpf_dir2 = lab.bpf_dir(kernel_node).to_string_lossy().into_owned();
     let mut argv = vec![lab.binary("weft").unwrap().to_string_lossy().into_owned()];
-    argv.extend(["bpf", "leases", "--bpf-dir", &bpf_dir2].map(String::from));
+    argv.extend("bpf leases --bpf-dir".split(' ').map(String::from));
+    argv.push(bpf_dir2);
     let out = Cmd::new(argv)
         .netns(lab.node_ns(kernel_node))
         .output()
