@@ -7,9 +7,10 @@ use anyhow::{bail, Context, Result};
 use ipnetwork::Ipv4Network;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
-use tracing::{error, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 
 use crate::backend::netlink as nl;
+use crate::bpf::nat::NatSettings;
 use crate::bpf::{self, BpfOptions};
 use crate::config::{AgentArgs, NetConf};
 use crate::dataplane::Dataplane;
@@ -55,16 +56,24 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     };
     info!(iface = %ext.name, addr = %ext.addr, public_ip = %ext.public_ip, mtu = ext.mtu, "using interface");
 
+    let nat = nat_settings(&args)?;
     let (backend, why) = bpf::select_dataplane(
         args.dataplane,
         bpf::EMBEDDED_OBJECT,
         &conf,
         &ext,
         handle.clone(),
-        &bpf_options(&args),
+        &bpf_options(&args, nat.clone()),
     )
     .await?;
     info!("dataplane: {why}");
+    // The programs translate only where they run.
+    let nat = nat.filter(|_| why.starts_with("bpf"));
+    if nat.is_none() && args.ip_masq && args.masquerade == masq::MasqueradeChoice::Bpf {
+        warn!(
+            "--masquerade=bpf: the BPF dataplane is not running here, so the firewall masquerades"
+        );
+    }
     let why_dataplane = why.clone();
     let mut dataplane = Dataplane::for_netconf(backend, &conf, &ext, handle.clone());
     let info = DataplaneInfo::from_selection(&why, &args.bpf_dir);
@@ -98,13 +107,35 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         nl::delete_blackhole_route(&handle, own.subnet).await?;
     }
 
-    let (mut firewall, why) = masq::select_firewall(args.firewall, conf.enable_nftables)?;
+    let (mut firewall, why) = masq::select_firewall(
+        args.masquerade.firewall(args.firewall)?,
+        conf.enable_nftables,
+    )?;
     info!("firewall: {why}");
+    match &nat {
+        Some(n) => info!(
+            ports = %format!("{}-{}", n.ports.0, n.ports.1),
+            table_size = n.table_size,
+            "masquerade: the BPF programs translate pod traffic leaving the cluster; the {} rule is their fallback",
+            firewall.name()
+        ),
+        None if args.ip_masq => info!("masquerade: the {} rule", firewall.name()),
+        None => {}
+    }
     // Rules an earlier run (or flanneld) left in the other firewall would double ours.
     if let Err(e) = masq::remove_leftovers(firewall.name()) {
         warn!("removing leftover rules of the other firewall failed: {e:#}");
     }
-    let spec = masq_spec(&args, &conf, own.subnet);
+    let bpf_nat = nat.as_ref().map(|n| masq::BpfNatRule {
+        uplink: ext.name.clone(),
+        mark: weft_common::NAT_MARK,
+        ports: bpf::nat::fallback_ports(n.ports),
+    });
+    let spec = masq_spec(&args, &conf, own.subnet, bpf_nat);
+    if let Some(n) = &nat {
+        state.set_nat_table_size(n.table_size);
+        tokio::spawn(collect_nat(args.bpf_dir.clone(), state.clone()));
+    }
     firewall
         .ensure(&spec)
         .with_context(|| format!("installing {} rules", firewall.name()))?;
@@ -190,7 +221,7 @@ async fn event_loop(
         tokio::time::interval_at(tokio::time::Instant::now() + resync_period, resync_period);
     let mut firewall_resync =
         tokio::time::interval(Duration::from_secs(args.iptables_resync.max(1)));
-    let mut heartbeat = tokio::time::interval(bpf_options(args).heartbeat());
+    let mut heartbeat = tokio::time::interval(bpf_options(args, None).heartbeat());
     let watchdog_every = systemd::watchdog_interval();
     let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -448,12 +479,73 @@ async fn remove_lease_routes(handle: &rtnetlink::Handle, args: &AgentArgs) -> Re
     nl::delete_blackhole_route(handle, env.subnet).await
 }
 
-fn bpf_options(args: &AgentArgs) -> BpfOptions {
+fn bpf_options(args: &AgentArgs, nat: Option<NatSettings>) -> BpfOptions {
     BpfOptions {
         dir: args.bpf_dir.clone(),
         pod_bridge: args.pod_bridge.clone(),
         force_fast_path: args.dataplane == bpf::DataplaneChoice::Bpf,
         stale_after: Duration::from_secs(args.bpf_stale_after),
+        nat,
+    }
+}
+
+/// The BPF source NAT wanted by the flags (if the BPF dataplane runs): `--ip-masq` with
+/// `--masquerade bpf`, or `auto` where its port range can be had.
+fn nat_settings(args: &AgentArgs) -> Result<Option<NatSettings>> {
+    use masq::MasqueradeChoice::*;
+    if !args.ip_masq || matches!(args.masquerade, Nftables | Iptables) {
+        return Ok(None);
+    }
+    let kernel_only = args.dataplane == bpf::DataplaneChoice::Kernel;
+    if kernel_only && args.masquerade == Bpf {
+        bail!("--masquerade=bpf needs the BPF dataplane, but --dataplane=kernel: use --dataplane=auto or bpf, or --masquerade=nftables|iptables");
+    }
+    if kernel_only {
+        return Ok(None);
+    }
+    let settings =
+        bpf::nat::port_range(args.masquerade_ports.as_deref()).map(|ports| NatSettings {
+            ports,
+            table_size: args.masquerade_table_size,
+            exclude: args.masquerade_exclude.clone(),
+        });
+    match settings {
+        Ok(settings) => Ok(Some(settings)),
+        Err(e) if args.masquerade == Bpf => Err(e),
+        Err(e) => {
+            warn!("BPF source NAT unavailable ({e:#}): the firewall masquerades");
+            Ok(None)
+        }
+    }
+}
+
+/// How often idle NAT mappings are collected.
+const NAT_COLLECT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Removes idle NAT mappings every [`NAT_COLLECT_INTERVAL`] and publishes the count.
+async fn collect_nat(dir: std::path::PathBuf, state: Arc<AgentState>) {
+    let mut tick = tokio::time::interval(NAT_COLLECT_INTERVAL);
+    loop {
+        tick.tick().await;
+        let dir = dir.clone();
+        let collected = tokio::task::spawn_blocking(move || {
+            bpf::nat::collect(&dir, bpf::dataplane::monotonic_ns())
+        })
+        .await;
+        match collected {
+            Ok(Ok(c)) => {
+                if c.removed > 0 {
+                    debug!(
+                        removed = c.removed,
+                        entries = c.entries,
+                        "collected idle NAT mappings"
+                    );
+                }
+                state.set_nat_entries(c.entries);
+            }
+            Ok(Err(e)) => warn!("collecting idle NAT mappings failed: {e:#}"),
+            Err(e) => warn!("the NAT collector panicked: {e}"),
+        }
     }
 }
 
@@ -464,13 +556,20 @@ fn kind(event: &LeaseEvent) -> &'static str {
     }
 }
 
-fn masq_spec(args: &AgentArgs, conf: &NetConf, lease: Ipv4Network) -> MasqSpec {
+fn masq_spec(
+    args: &AgentArgs,
+    conf: &NetConf,
+    lease: Ipv4Network,
+    bpf_nat: Option<masq::BpfNatRule>,
+) -> MasqSpec {
     MasqSpec {
         network: conf.network,
         lease,
         masquerade: args.ip_masq,
         random_fully: !args.ip_masq_fully_random_disable,
         forward_accept: args.iptables_forward_rules,
+        exclude: args.masquerade_exclude.clone(),
+        bpf_nat,
     }
 }
 

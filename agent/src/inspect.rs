@@ -304,3 +304,52 @@ pub fn nonzero_counters(rows: &[CounterRow]) -> String {
         parts.join(", ")
     }
 }
+
+/// One source NAT mapping: the pod's flow and the node's address and port it leaves with.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NatRow {
+    /// `tcp`, `udp` or `icmp` (echo: ports are its identifier).
+    pub protocol: String,
+    pub pod: String,
+    pub outside: String,
+    pub node: String,
+    /// `new`, `replied`, `closing`.
+    pub state: String,
+    /// Seconds since the flow's last packet, either way.
+    pub idle_secs: f64,
+}
+
+pub fn nat(dir: &Path) -> Result<Vec<NatRow>> {
+    use crate::bpf::nat::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+    pinned(dir, weft_common::MAP_NAT)?;
+    let now = crate::bpf::dataplane::monotonic_ns();
+    let mut rows: Vec<NatRow> = crate::bpf::nat::mappings(dir)?
+        .into_iter()
+        .map(|m| {
+            let endpoint = |(ip, port): (Ipv4Addr, u16)| format!("{ip}:{port}");
+            let state = m.state();
+            NatRow {
+                protocol: match m.key.protocol {
+                    IPPROTO_TCP => "tcp".into(),
+                    IPPROTO_UDP => "udp".into(),
+                    IPPROTO_ICMP => "icmp".into(),
+                    other => other.to_string(),
+                },
+                pod: endpoint(m.pod()),
+                outside: endpoint(m.outside()),
+                node: endpoint(m.node()),
+                state: if state & weft_common::NAT_SEEN_CLOSE != 0 {
+                    "closing"
+                } else if state & weft_common::NAT_SEEN_REPLY != 0 {
+                    "replied"
+                } else {
+                    "new"
+                }
+                .into(),
+                idle_secs: Duration::from_nanos(now.saturating_sub(m.last_seen_ns())).as_secs_f64(),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.protocol, &a.pod, &a.outside).cmp(&(&b.protocol, &b.pod, &b.outside)));
+    Ok(rows)
+}

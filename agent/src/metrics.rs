@@ -159,6 +159,8 @@ pub struct AgentState {
     counters_readable: AtomicBool,
     peers: Mutex<PeerHealth>,
     resync_failures: AtomicU64,
+    /// BPF source NAT: the table's size and the mappings at the last collection.
+    nat: Mutex<Option<(u32, u64)>>,
 }
 
 /// What the last plan and resync left: rejected leases, peers without room, the error.
@@ -208,7 +210,20 @@ impl AgentState {
                 ..PeerHealth::default()
             }),
             resync_failures: AtomicU64::new(0),
+            nat: Mutex::new(None),
         }
+    }
+
+    /// BPF source NAT runs with a table of `size` mappings.
+    pub fn set_nat_table_size(&self, size: u32) {
+        let mut nat = lock(&self.nat);
+        *nat = Some((size, nat.map_or(0, |n| n.1)));
+    }
+
+    /// The mappings counted by the last collection.
+    pub fn set_nat_entries(&self, entries: u64) {
+        let mut nat = lock(&self.nat);
+        *nat = Some((nat.map_or(0, |n| n.0), entries));
     }
 
     /// The outcome of a plan and resync (`resync_error: None` after a successful one).
@@ -383,6 +398,21 @@ impl AgentState {
                 &[("state", state), ("reason", why)],
                 1,
             );
+        }
+
+        if let Some((size, entries)) = *lock(&self.nat) {
+            out.family(
+                "weft_nat_table_size",
+                "gauge",
+                "Mappings the BPF source NAT table holds (new flows go to the kernel's masquerade beyond 7/8 of it).",
+            );
+            out.sample("weft_nat_table_size", &[], size);
+            out.family(
+                "weft_nat_entries",
+                "gauge",
+                "BPF source NAT mappings at the last collection (allocations, failures and fallbacks are in weft_datapath_packets_total: nat_alloc, nat_alloc_failed, nat_fallback).",
+            );
+            out.sample("weft_nat_entries", &[], entries);
         }
 
         out.family(

@@ -64,6 +64,9 @@ pub enum BpfMap {
     Counters,
     /// The programs' settings and whether the fast path is active (the `config` map).
     Config,
+    /// Source NAT mappings: pod flow, the node's address and port, state, idle time
+    /// (the `nat` and `nat_reverse` maps).
+    Nat,
 }
 
 /// `weft bpf <map>`: the map decoded, as a table or JSON.
@@ -97,6 +100,27 @@ pub fn bpf(args: &BpfArgs) -> Result<String> {
             table(&["COUNTER", "PACKETS"], &cells)
         }),
         BpfMap::Config => shown(json, &inspect::config(dir)?, config_lines),
+        BpfMap::Nat => shown(json, &inspect::nat(dir)?, |rows| {
+            let cells: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    let idle = format!("{:.0}", r.idle_secs);
+                    let (proto, state) = (r.protocol.clone(), r.state.clone());
+                    vec![
+                        proto,
+                        r.pod.clone(),
+                        r.outside.clone(),
+                        r.node.clone(),
+                        state,
+                        idle,
+                    ]
+                })
+                .collect();
+            table(
+                &["PROTO", "POD", "OUTSIDE", "NODE", "STATE", "IDLE S"],
+                &cells,
+            )
+        }),
     }
 }
 

@@ -261,6 +261,7 @@ fn options(dir: &Path) -> BpfOptions {
         pod_bridge: "cni0".to_string(),
         force_fast_path: true,
         stale_after: std::time::Duration::from_secs(60),
+        nat: None,
     }
 }
 

@@ -109,6 +109,21 @@ fn spec() -> MasqSpec {
         masquerade: true,
         random_fully: true,
         forward_accept: true,
+        exclude: Vec::new(),
+        bpf_nat: None,
+    }
+}
+
+/// With BPF source NAT and an exclusion: the skip rule, the fallback's port ranges.
+fn bpf_nat_spec() -> MasqSpec {
+    MasqSpec {
+        exclude: vec!["192.168.0.0/16".parse().unwrap()],
+        bpf_nat: Some(masq::BpfNatRule {
+            uplink: "eth0".into(),
+            mark: weft_common::NAT_MARK,
+            ports: (1024, 60999),
+        }),
+        ..spec()
     }
 }
 
@@ -339,6 +354,39 @@ fn iptables_ensure_writes_flannels_chains_once() {
         "second ensure rewrote rules"
     );
     assert_eq!(sh(&node, "iptables-save | grep -v '^#'"), before);
+}
+
+/// The rules for BPF source NAT are written as `iptables -S` prints them (else every
+/// resync would rewrite them), and nft takes its syntax.
+#[test]
+fn bpf_nat_rules_are_accepted_and_settle_after_one_write() {
+    let mut lab = Lab::new("bpfnat");
+    let node = lab.netns("node");
+    let mut ipt = Iptables::new();
+    assert!(in_netns(&node, || ipt.ensure_changed(&bpf_nat_spec())).unwrap());
+    assert!(
+        !in_netns(&node, || ipt.ensure_changed(&bpf_nat_spec())).unwrap(),
+        "second ensure rewrote rules: {}",
+        sh(&node, "iptables -t nat -S FLANNEL-POSTRTG")
+    );
+    let rules = sh(&node, "iptables -t nat -S FLANNEL-POSTRTG");
+    for expected in [
+        "-A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 192.168.0.0/16 -m comment --comment \"flanneld masq\" -j RETURN",
+        "-A FLANNEL-POSTRTG -s 10.244.0.0/16 -o eth0 -m mark --mark 0x800/0x800 -m comment --comment \"flanneld masq\" -j RETURN",
+        "-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 -p tcp -m comment --comment \"flanneld masq\" -j MASQUERADE --to-ports 1024-60999 --random-fully",
+    ] {
+        assert!(rules.lines().any(|l| l == expected), "{expected:?} not in:\n{rules}");
+    }
+    in_netns(&node, || ipt.remove()).unwrap();
+    let mut nft = Nftables::new();
+    assert!(in_netns(&node, || nft.ensure_changed(&bpf_nat_spec())).unwrap());
+    assert!(!in_netns(&node, || nft.ensure_changed(&bpf_nat_spec())).unwrap());
+    let listing = nft_listing(&node);
+    assert!(
+        listing.contains("masquerade to :1024-60999 fully-random")
+            && listing.contains("meta mark & 0x00000800 == 0x00000800"),
+        "{listing}"
+    );
 }
 
 #[test]

@@ -17,6 +17,10 @@
 //! | `config` | array[1] | `u32` 0 | [`DataplaneConfig`] |
 //! | `counters` | per-CPU array | `u32` [`Counter`] index | `u64` packets |
 //! | `stack_flows` | LRU hash | [`FlowKey`] (a connection, either direction) | [`FlowEntry`] |
+//! | `nat` | hash | [`NatKey`] (a pod's flow: pod → outside) | [`NatEntry`] (the node's address and port) |
+//! | `nat_reverse` | hash | [`NatKey`] (its replies: outside → node) | [`NatEntry`] (the pod's address and port) |
+//! | `nat_exclude` | LPM trie | `{ prefix_len: u32, net: [u8; 4] }` | `u32` (1): destinations that keep pod addresses |
+//! | `nat_state` | array[1] | `u32` 0 | [`NatState`] |
 #![no_std]
 
 /// Map names, as the programs declare them and as they are pinned.
@@ -26,14 +30,22 @@ pub const MAP_ENDPOINTS: &str = "endpoints";
 pub const MAP_CONFIG: &str = "config";
 pub const MAP_COUNTERS: &str = "counters";
 pub const MAP_STACK_FLOWS: &str = "stack_flows";
+pub const MAP_NAT: &str = "nat";
+pub const MAP_NAT_REVERSE: &str = "nat_reverse";
+pub const MAP_NAT_EXCLUDE: &str = "nat_exclude";
+pub const MAP_NAT_STATE: &str = "nat_state";
 /// Every pinned map, for the agent's adoption and cleanup.
-pub const ALL_MAPS: [&str; 6] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_LEASES,
     MAP_PEERS,
     MAP_ENDPOINTS,
     MAP_CONFIG,
     MAP_COUNTERS,
     MAP_STACK_FLOWS,
+    MAP_NAT,
+    MAP_NAT_REVERSE,
+    MAP_NAT_EXCLUDE,
+    MAP_NAT_STATE,
 ];
 
 /// TC ingress of each pod's host-side veth: encapsulate or route to remote leases.
@@ -78,6 +90,12 @@ pub const ALL_PROGRAMS: [(&str, Attach); 4] = [
 /// leaves the node, nor meets netfilter, with it. Chosen clear of the marks Kubernetes
 /// components use (kube-proxy 0x4000 and 0x8000, portmap 0x2000, Calico 0xffff0000).
 pub const FAST_PATH_MARK: u32 = 0x0000_1000;
+
+/// The bit of `skb->mark` that `from_pod` sets on pod packets whose source NAT the BPF
+/// programs will do at the uplink (`to_netdev`): the masquerade rule skips them. Packets
+/// without it (the NAT table near full, the agent gone, another protocol) are masqueraded
+/// by the kernel's rule, the fallback. Clear of the marks above and of Istio's 0x539.
+pub const NAT_MARK: u32 = 0x0000_0800;
 
 /// Capacity of the lease and peer maps in the object (one entry per node of the cluster).
 /// The agent sizes them at load time from Network and SubnetLen.
@@ -147,7 +165,7 @@ pub struct EndpointEntry {
 
 /// The node's datapath settings: entry 0 of the `config` array.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DataplaneConfig {
     /// VXLAN network identifier (host byte order).
     pub vni: u32,
@@ -170,7 +188,90 @@ pub struct DataplaneConfig {
     /// How long after `refreshed_ns` the agent counts as gone and every packet takes the
     /// kernel path (0: never).
     pub stale_after_ns: u64,
+    /// The pod network (Network of net-conf.json) and its mask, network order.
+    pub network: [u8; 4],
+    pub network_mask: [u8; 4],
+    /// `NAT_*` bits.
+    pub nat_flags: u32,
+    /// New flows are marked for BPF source NAT only while the table holds fewer entries.
+    pub nat_limit: u32,
+    /// The ports (ICMP echo identifiers) source NAT allocates from, host byte order:
+    /// outside the node's ephemeral range, so they never meet the node's own connections.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    pub _pad4: [u8; 4],
 }
+
+/// `DataplaneConfig::nat_flags`: pod traffic leaving the cluster is source-NATed by the
+/// programs (`--masquerade bpf`).
+pub const NAT_ENABLED: u32 = 1;
+
+/// A flow as the NAT maps key it: for `nat`, the pod's packet (pod → outside); for
+/// `nat_reverse`, its replies (outside → the node's address and allocated port). Ports
+/// are TCP/UDP ports or the ICMP echo identifier (in both), network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NatKey {
+    pub src_ip: [u8; 4],
+    pub dst_ip: [u8; 4],
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+impl NatKey {
+    #[inline(always)]
+    pub const fn new(
+        protocol: u8,
+        src_ip: [u8; 4],
+        src_port: [u8; 2],
+        dst_ip: [u8; 4],
+        dst_port: [u8; 2],
+    ) -> Self {
+        NatKey {
+            src_ip,
+            dst_ip,
+            src_port,
+            dst_port,
+            protocol,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// The other side of a NAT mapping: in `nat`, the node's address and port the pod's
+/// packets leave with; in `nat_reverse`, the pod's address and port replies go back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatEntry {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    /// `NAT_SEEN_*` bits, set by the programs.
+    pub state: u8,
+    pub _pad: u8,
+    /// When a packet of this direction last passed (CLOCK_MONOTONIC ns).
+    pub last_seen_ns: u64,
+}
+
+/// `NatEntry::state`: a reply came back (set in `nat_reverse`).
+pub const NAT_SEEN_REPLY: u8 = 1;
+/// `NatEntry::state`: a TCP FIN or RST passed.
+pub const NAT_SEEN_CLOSE: u8 = 2;
+
+/// The programs' NAT bookkeeping, entry 0 of `nat_state`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatState {
+    /// Mappings in the table: incremented by the programs as they allocate (without
+    /// atomics, so it may lag), set exactly by the agent after each collection.
+    pub entries: u64,
+}
+
+/// Capacity of the NAT maps in the object; sized at load time from `--masquerade-table-size`.
+pub const MAX_NAT: u32 = 65536;
+/// Capacity of `nat_exclude` (`--masquerade-exclude` CIDRs).
+pub const MAX_NAT_EXCLUDE: u32 = 256;
 
 /// A connection, the same key for both of its directions: the two ends ordered, the one
 /// with the smaller (address, port) first. Ports are TCP/UDP ports, or the ICMP echo
@@ -269,11 +370,23 @@ pub enum Counter {
     /// Packets handed to the kernel path because the agent stopped refreshing the
     /// dataplane (fail-safe).
     AgentGone = 14,
+    /// Pod packets source-NATed at the uplink (to_netdev).
+    NatOut = 15,
+    /// Replies translated back to the pod at the uplink (from_netdev), ICMP errors included.
+    NatIn = 16,
+    /// NAT mappings allocated (new flows).
+    NatAlloc = 17,
+    /// Packets dropped because no port could be allocated (the table full, or every
+    /// tried port taken): they must not leave with a pod address.
+    NatAllocFailed = 18,
+    /// Pod packets left to the kernel's masquerade because the NAT table was near full
+    /// or the agent gone (from_pod).
+    NatFallback = 19,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 15] = [
+    pub const ALL: [Counter; 20] = [
         Counter::Encap,
         Counter::DirectOut,
         Counter::Decap,
@@ -289,6 +402,11 @@ impl Counter {
         Counter::SourceNotPod,
         Counter::NotFromLeaseNode,
         Counter::AgentGone,
+        Counter::NatOut,
+        Counter::NatIn,
+        Counter::NatAlloc,
+        Counter::NatAllocFailed,
+        Counter::NatFallback,
     ];
 
     /// The slot of this counter in the `counters` map.
@@ -314,6 +432,11 @@ impl Counter {
             Counter::SourceNotPod => "source_not_pod",
             Counter::NotFromLeaseNode => "not_from_lease_node",
             Counter::AgentGone => "agent_gone",
+            Counter::NatOut => "nat_out",
+            Counter::NatIn => "nat_in",
+            Counter::NatAlloc => "nat_alloc",
+            Counter::NatAllocFailed => "nat_alloc_failed",
+            Counter::NatFallback => "nat_fallback",
         }
     }
 }
@@ -333,4 +456,7 @@ mod pod {
     unsafe impl aya::Pod for DataplaneConfig {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for NatKey {}
+    unsafe impl aya::Pod for NatEntry {}
+    unsafe impl aya::Pod for NatState {}
 }

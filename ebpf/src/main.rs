@@ -10,6 +10,9 @@
 //! - `to_pod` and `to_netdev`, TC egress of the pod veths and of the uplink:
 //!   they see what the node's stack hands on and record those connections
 //!   (see `flow`), which the two above then leave to the stack.
+//! - Source NAT of pod traffic leaving the cluster (see `nat`): `to_netdev`
+//!   translates, `from_netdev` translates replies back, `from_pod` marks what
+//!   is ours so the kernel's masquerade rule leaves it alone.
 //!
 //! Whatever a program cannot handle completely it passes (TC_ACT_UNSPEC)
 //! unchanged, to the kernel path; packets are dropped only for a reason that
@@ -26,6 +29,7 @@ mod counters;
 mod csum;
 mod flow;
 mod maps;
+mod nat;
 mod parse;
 mod route;
 mod vxlan;
@@ -61,6 +65,9 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     if agent_gone(&cfg) {
         return pass_as(Counter::AgentGone);
     }
+    // Whether this packet's source NAT, should it leave the cluster, is ours or the
+    // kernel's masquerade's.
+    nat::mark_from_pod(&ctx, &cfg, &ip);
     if cfg.flags & CONFIG_FAST_PATH_OFF != 0 {
         return pass();
     }
@@ -172,6 +179,12 @@ pub fn from_netdev(ctx: TcContext) -> i32 {
     let Some(cfg) = maps::config() else {
         return pass();
     };
+    // Replies of translated flows, also while the agent is gone: the flows live on.
+    if ip.daddr == cfg.node_ip {
+        if let Some(verdict) = nat::reverse(&ctx, &cfg, &ip) {
+            return verdict;
+        }
+    }
     if agent_gone(&cfg) {
         return pass_as(Counter::AgentGone);
     }
@@ -332,6 +345,10 @@ pub fn to_netdev(ctx: TcContext) -> i32 {
     let (Some(ip), Some(cfg)) = (parse::ipv4(&ctx), maps::config()) else {
         return TC_ACT_UNSPEC;
     };
+    // Pod traffic leaving the cluster, after the stack: source NAT.
+    if let Some(verdict) = nat::snat(&ctx, &cfg, &ip) {
+        return verdict;
+    }
     // flannel.<VNI>'s own tunnel packets: the connection is the inner packet's.
     let l4_off = ETH_HLEN + ip.header_len();
     if ip.saddr == cfg.node_ip && ip.protocol == IPPROTO_UDP && ip.carries_l4_header() {

@@ -20,13 +20,14 @@ use aya_ebpf::{
         },
         BPF_F_NO_PREALLOC, BPF_NOEXIST,
     },
-    helpers::generated::{bpf_map_lookup_elem, bpf_map_update_elem},
+    helpers::generated::{bpf_map_delete_elem, bpf_map_lookup_elem, bpf_map_update_elem},
     macros::btf_map,
     maps::lpm_trie::Key,
 };
 use weft_common::{
-    DataplaneConfig, EndpointEntry, EndpointKey, FlowEntry, FlowKey, LeaseEntry, PeerEntry,
-    PeerKey, COUNTER_SLOTS, MAX_ENDPOINTS, MAX_LEASES, MAX_STACK_FLOWS,
+    DataplaneConfig, EndpointEntry, EndpointKey, FlowEntry, FlowKey, LeaseEntry, NatEntry, NatKey,
+    NatState, PeerEntry, PeerKey, COUNTER_SLOTS, MAX_ENDPOINTS, MAX_LEASES, MAX_NAT,
+    MAX_NAT_EXCLUDE, MAX_STACK_FLOWS,
 };
 
 /// LIBBPF_PIN_BY_NAME (libbpf.h): pin the map as `<pin dir>/<map name>`.
@@ -98,6 +99,18 @@ impl<K, V, const T: usize, const M: usize, const F: usize, const P: usize>
             )
         };
         ret == 0
+    }
+
+    /// Removes the entry under `key`, if any.
+    #[inline(always)]
+    fn delete(&self, key: &K) {
+        // SAFETY: `self` is a map the loader relocated; `key` has the map's key type.
+        unsafe {
+            bpf_map_delete_elem(
+                ptr::from_ref(self).cast_mut().cast::<c_void>(),
+                ptr::from_ref(key).cast(),
+            )
+        };
     }
 
     /// A copy of the value stored under `key`: the agent may replace the
@@ -173,6 +186,93 @@ static STACK_FLOWS: MapDef<
     0,
     PIN_BY_NAME,
 > = MapDef::new();
+
+/// Source NAT, a pod's flow → the node's address and port (see `nat`).
+#[btf_map(name = "nat")]
+static NAT: MapDef<
+    NatKey,
+    NatEntry,
+    { BPF_MAP_TYPE_HASH as usize },
+    { MAX_NAT as usize },
+    0,
+    PIN_BY_NAME,
+> = MapDef::new();
+
+/// Source NAT, the replies' flow → the pod's address and port.
+#[btf_map(name = "nat_reverse")]
+static NAT_REVERSE: MapDef<
+    NatKey,
+    NatEntry,
+    { BPF_MAP_TYPE_HASH as usize },
+    { MAX_NAT as usize },
+    0,
+    PIN_BY_NAME,
+> = MapDef::new();
+
+/// Destinations pod traffic reaches with its pod address (`--masquerade-exclude`).
+#[btf_map(name = "nat_exclude")]
+static NAT_EXCLUDE: MapDef<
+    Key<[u8; 4]>,
+    u32,
+    { BPF_MAP_TYPE_LPM_TRIE as usize },
+    { MAX_NAT_EXCLUDE as usize },
+    { BPF_F_NO_PREALLOC as usize },
+    PIN_BY_NAME,
+> = MapDef::new();
+
+/// How many mappings the NAT table holds, entry 0.
+#[btf_map(name = "nat_state")]
+static NAT_STATE: MapDef<u32, NatState, { BPF_MAP_TYPE_ARRAY as usize }, 1, 0, PIN_BY_NAME> =
+    MapDef::new();
+
+/// The mapping of a pod's flow, as a pointer into the map (its timestamps are updated).
+#[inline(always)]
+pub fn nat(key: &NatKey) -> Option<*mut NatEntry> {
+    NAT.lookup(key)
+}
+
+/// The mapping of a reply's flow back to the pod.
+#[inline(always)]
+pub fn nat_reverse(key: &NatKey) -> Option<*mut NatEntry> {
+    NAT_REVERSE.lookup(key)
+}
+
+/// Stores a new mapping pair: the reverse one first, so that a port another flow holds
+/// is refused atomically (BPF_NOEXIST). False if the port is taken; if the flow itself
+/// got a mapping on another CPU meanwhile, that one is kept and `entry` of it returned.
+#[inline(always)]
+pub fn nat_insert(
+    key: &NatKey,
+    entry: &NatEntry,
+    reverse_key: &NatKey,
+    reverse: &NatEntry,
+) -> Option<NatEntry> {
+    if !NAT_REVERSE.insert_new(reverse_key, reverse) {
+        return None;
+    }
+    if NAT.insert_new(key, entry) {
+        if let Some(state) = NAT_STATE.lookup(&0) {
+            // SAFETY: a non-null lookup result points at the array's value; a lost
+            // increment between CPUs only delays the agent's exact count.
+            unsafe { (*state).entries += 1 };
+        }
+        return Some(*entry);
+    }
+    NAT_REVERSE.delete(reverse_key);
+    NAT.get(key)
+}
+
+/// How many mappings the table holds (as the programs and the agent last counted).
+#[inline(always)]
+pub fn nat_entries() -> u64 {
+    NAT_STATE.get(&0).map_or(0, |s| s.entries)
+}
+
+/// Whether pod traffic to `ip` keeps its pod address.
+#[inline(always)]
+pub fn nat_excluded(ip: [u8; 4]) -> bool {
+    NAT_EXCLUDE.lookup(&Key::new(32, ip)).is_some()
+}
 
 /// The node's settings (a copy: an agent update cannot tear it mid-packet).
 #[inline(always)]

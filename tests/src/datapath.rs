@@ -161,10 +161,7 @@ impl Datapath {
                 uplink_ifindex,
                 inner_mtu: INNER_MTU,
                 vtep_mac: OWN_VTEP_MAC,
-                _pad2: [0; 2],
-                _pad3: [0; 4],
-                refreshed_ns: 0,
-                stale_after_ns: 0,
+                ..Default::default()
             },
             0,
         )?;

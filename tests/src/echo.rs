@@ -151,6 +151,34 @@ pub fn call_from(
     protocol: Protocol,
     timeout: Duration,
 ) -> Result<Reply> {
+    call_bound(ns, SocketAddrV4::new(src, 0), dst, protocol, timeout)
+}
+
+/// Like [`call`], from source port `port` (the route's address).
+pub fn call_from_port(
+    ns: &str,
+    port: u16,
+    dst: SocketAddrV4,
+    protocol: Protocol,
+    timeout: Duration,
+) -> Result<Reply> {
+    call_bound(
+        ns,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
+        dst,
+        protocol,
+        timeout,
+    )
+}
+
+/// One request from the socket bound to `src` (port 0: any).
+fn call_bound(
+    ns: &str,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    protocol: Protocol,
+    timeout: Duration,
+) -> Result<Reply> {
     let ns_name = ns.to_string();
     in_netns(ns, move || match protocol {
         Protocol::Tcp => {
@@ -165,7 +193,7 @@ pub fn call_from(
             reply(&buf[..n], stream.local_addr()?)
         }
         Protocol::Udp => {
-            let socket = UdpSocket::bind(SocketAddrV4::new(src, 0))?;
+            let socket = UdpSocket::bind(src)?;
             // Connected: a datagram from any other source is not delivered to it.
             socket.connect(dst)?;
             socket.set_read_timeout(Some(Duration::from_millis(300)))?;
@@ -186,9 +214,9 @@ pub fn call_from(
     })
 }
 
-/// A TCP connection from `src` (any port), bounded by `timeout`.
-fn connect(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
-    if src.is_unspecified() {
+/// A TCP connection from `src` (port 0: any), bounded by `timeout`.
+fn connect(src: SocketAddrV4, dst: SocketAddrV4, timeout: Duration) -> Result<TcpStream> {
+    if src == SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0) {
         return Ok(TcpStream::connect_timeout(&dst.into(), timeout)?);
     }
     // std has no bind-before-connect: a socket from libc, handed to std once connected.
@@ -209,7 +237,7 @@ fn connect(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> Result<TcpStr
             sin_zero: [0; 8],
         };
         let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        let local = sockaddr(SocketAddrV4::new(src, 0));
+        let local = sockaddr(src);
         if libc::bind(fd, std::ptr::from_ref(&local).cast(), len) != 0 {
             return Err(std::io::Error::last_os_error()).context(format!("binding {src}"));
         }

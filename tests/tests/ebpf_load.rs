@@ -322,10 +322,7 @@ fn fill_node_a_maps(ebpf: &mut Ebpf) -> Result<()> {
             uplink_ifindex: ifindex("up0")?,
             inner_mtu: POD_MTU,
             vtep_mac: VTEP_A,
-            _pad2: [0; 2],
-            _pad3: [0; 4],
-            refreshed_ns: 0,
-            stale_after_ns: 0,
+            ..Default::default()
         },
         0,
     )?;

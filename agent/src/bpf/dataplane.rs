@@ -24,7 +24,8 @@ use tracing::{debug, info, warn};
 use weft_common::{
     DataplaneConfig, EndpointEntry, EndpointKey, LeaseEntry, PeerEntry, PeerKey,
     CONFIG_FAST_PATH_OFF, CONFIG_LEASES_INCOMPLETE, LEASE_DIRECT, LEASE_VXLAN, MAP_CONFIG,
-    MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS, PROG_FROM_NETDEV, PROG_TO_NETDEV,
+    MAP_ENDPOINTS, MAP_LEASES, MAP_NAT_EXCLUDE, MAP_PEERS, NAT_ENABLED, PROG_FROM_NETDEV,
+    PROG_TO_NETDEV,
 };
 
 use super::endpoints::PodWatcher;
@@ -75,6 +76,8 @@ pub struct BpfDataplane {
     fast_path: FastPath,
     /// Peers of the last plan that the lease map had no room for.
     lease_overflow: u64,
+    /// Network of net-conf.json: the programs' source NAT translates what leaves it.
+    network: Ipv4Network,
 }
 
 impl BpfDataplane {
@@ -91,6 +94,13 @@ impl BpfDataplane {
         let peers: PeerMap = take_map(&mut ebpf, MAP_PEERS)?;
         let config: ConfigMap = take_map(&mut ebpf, MAP_CONFIG)?;
         let endpoints: EndpointMap = take_map(&mut ebpf, MAP_ENDPOINTS)?;
+        let mut exclude: LpmTrie<MapData, [u8; 4], u32> = take_map(&mut ebpf, MAP_NAT_EXCLUDE)?;
+        let wanted: Vec<Ipv4Network> = options
+            .nat
+            .as_ref()
+            .map(|n| n.exclude.clone())
+            .unwrap_or_default();
+        sync_exclusions(&mut exclude, &wanted)?;
         let programmed = read_leases(&leases)?;
         if !programmed.is_empty() {
             info!(
@@ -120,6 +130,7 @@ impl BpfDataplane {
             attrs: None,
             fast_path: FastPath::on("not checked yet"),
             lease_overflow: 0,
+            network: conf.network,
         })
     }
 
@@ -154,6 +165,17 @@ impl BpfDataplane {
             _pad3: [0; 4],
             refreshed_ns: monotonic_ns(),
             stale_after_ns: self.options.stale_after.as_nanos() as u64,
+            network: self.network.network().octets(),
+            network_mask: self.network.mask().octets(),
+            nat_flags: if self.options.nat.is_some() {
+                NAT_ENABLED
+            } else {
+                0
+            },
+            nat_limit: self.options.nat.as_ref().map_or(0, |n| n.limit()),
+            nat_port_min: self.options.nat.as_ref().map_or(0, |n| n.ports.0),
+            nat_port_max: self.options.nat.as_ref().map_or(0, |n| n.ports.1),
+            _pad4: [0; 4],
         };
         self.config
             .set(0, config, 0)
@@ -405,6 +427,26 @@ fn read_leases(map: &LeaseMap) -> Result<BTreeMap<Ipv4Network, LeaseEntry>> {
         leases.insert(subnet, entry);
     }
     Ok(leases)
+}
+
+/// Makes `nat_exclude` hold exactly `wanted` (`--masquerade-exclude`).
+fn sync_exclusions(map: &mut LpmTrie<MapData, [u8; 4], u32>, wanted: &[Ipv4Network]) -> Result<()> {
+    let keys: Vec<Key<[u8; 4]>> = map.keys().collect::<Result<_, _>>()?;
+    for key in keys {
+        let net = Ipv4Network::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8);
+        if !net.is_ok_and(|net| wanted.contains(&net)) {
+            map.remove(&key)?;
+        }
+    }
+    for net in wanted {
+        map.insert(
+            &Key::new(u32::from(net.prefix()), net.network().octets()),
+            1,
+            0,
+        )
+        .with_context(|| format!("adding {net} to the BPF masquerade exclusions"))?;
+    }
+    Ok(())
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.

@@ -13,6 +13,7 @@
 pub mod bpffs;
 pub mod dataplane;
 pub mod endpoints;
+pub mod nat;
 pub mod object;
 pub mod policy;
 pub mod tc;
@@ -60,6 +61,8 @@ pub struct BpfOptions {
     /// `--bpf-stale-after`: how long the programs trust maps the agent no longer refreshes
     /// (zero: forever).
     pub stale_after: std::time::Duration,
+    /// Source NAT by the programs (`--ip-masq` with `--masquerade bpf|auto`).
+    pub nat: Option<nat::NatSettings>,
 }
 
 impl BpfOptions {
@@ -92,7 +95,8 @@ pub async fn select_dataplane(
         DataplaneChoice::Auto | DataplaneChoice::Bpf => match object::load(
             object,
             &options.dir,
-            object::MapSizes::for_network(conf.network.prefix(), conf.subnet_len),
+            object::MapSizes::for_network(conf.network.prefix(), conf.subnet_len)
+                .with_nat(options.nat.as_ref().map(|n| n.table_size)),
         ) {
             Ok(ebpf) => {
                 let dataplane =

@@ -8,7 +8,9 @@ use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, warn};
 
-use weft_common::{ALL_MAPS, ALL_PROGRAMS, MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS};
+use weft_common::{
+    ALL_MAPS, ALL_PROGRAMS, MAP_ENDPOINTS, MAP_LEASES, MAP_NAT, MAP_NAT_REVERSE, MAP_PEERS,
+};
 
 use super::bpffs;
 
@@ -32,6 +34,9 @@ pub struct MapSizes {
     pub leases: u32,
     /// `endpoints`: one per address of a SubnetLen subnet.
     pub endpoints: u32,
+    /// `nat` and `nat_reverse`: `--masquerade-table-size`, the minimum when the programs
+    /// do no source NAT.
+    pub nat: u32,
 }
 
 impl MapSizes {
@@ -47,6 +52,15 @@ impl MapSizes {
         MapSizes {
             leases: clamp(subnets, Self::MAX_LEASES),
             endpoints: clamp(addresses, Self::MAX_ENDPOINTS),
+            nat: Self::MIN,
+        }
+    }
+
+    /// With the NAT table of `size` entries (None: no source NAT, the minimum).
+    pub fn with_nat(self, size: Option<u32>) -> MapSizes {
+        MapSizes {
+            nat: size.unwrap_or(Self::MIN),
+            ..self
         }
     }
 
@@ -54,6 +68,8 @@ impl MapSizes {
         loader.map_max_entries(MAP_LEASES, self.leases);
         loader.map_max_entries(MAP_PEERS, self.leases);
         loader.map_max_entries(MAP_ENDPOINTS, self.endpoints);
+        loader.map_max_entries(MAP_NAT, self.nat);
+        loader.map_max_entries(MAP_NAT_REVERSE, self.nat);
     }
 }
 

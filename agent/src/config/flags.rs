@@ -147,6 +147,29 @@ pub struct AgentArgs {
     #[arg(long, env = "WEFT_FIREWALL", value_enum, default_value = "auto")]
     pub firewall: crate::masq::FirewallChoice,
 
+    /// Who source-NATs pod traffic leaving the cluster (with --ip-masq): the BPF
+    /// programs (bpf), or the firewall's masquerade rule (nftables, iptables). auto: bpf
+    /// where the BPF dataplane runs, else the firewall. With bpf the firewall's rule stays,
+    /// as the fallback for what the programs leave to it.
+    #[arg(long, env = "WEFT_MASQUERADE", value_enum, default_value = "auto")]
+    pub masquerade: crate::masq::MasqueradeChoice,
+
+    /// A destination (CIDR) pod traffic reaches with its pod address, not masqueraded
+    /// (peered VPCs, on-premises ranges). Repeatable, or comma-separated.
+    #[arg(long, env = "WEFT_MASQUERADE_EXCLUDE", value_delimiter = ',')]
+    pub masquerade_exclude: Vec<ipnetwork::Ipv4Network>,
+
+    /// Mappings the BPF source NAT table holds; beyond 7/8 of it new flows go to the
+    /// kernel's masquerade.
+    #[arg(long, env = "WEFT_MASQUERADE_TABLE_SIZE", default_value_t = 65536,
+          value_parser = clap::value_parser!(u32).range(8..=4_194_304))]
+    pub masquerade_table_size: u32,
+
+    /// Ports the BPF source NAT allocates, e.g. 61000-65535 (default: the ports above the
+    /// node's net.ipv4.ip_local_port_range, which its own connections use).
+    #[arg(long, env = "WEFT_MASQUERADE_PORTS")]
+    pub masquerade_ports: Option<String>,
+
     /// How often to repair drift in routes, neighbours and devices, in seconds.
     #[arg(long, env = "WEFT_RESYNC_INTERVAL", default_value_t = 10)]
     pub resync_interval: u64,

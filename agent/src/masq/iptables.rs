@@ -76,14 +76,38 @@ impl Chain {
             } else {
                 "MASQUERADE"
             };
-            Some(vec![
+            let mut rules = vec![
                 self.rule(&format!("-m mark --mark {KUBE_PROXY_MARK}"), "RETURN"),
                 self.rule(&format!("-s {p} -d {n}"), "RETURN"),
                 self.rule(&format!("-s {n} -d {p}"), "RETURN"),
                 self.rule(&format!("! -s {n} -d {p}"), "RETURN"),
-                self.rule(&format!("-s {n} ! -d 224.0.0.0/4"), masquerade),
-                self.rule(&format!("! -s {n} -d {n}"), masquerade),
-            ])
+            ];
+            for excluded in &spec.exclude {
+                rules.push(self.rule(&format!("-s {n} -d {excluded}"), "RETURN"));
+            }
+            if let Some(bpf) = &spec.bpf_nat {
+                let mark = format!("0x{:x}/0x{:x}", bpf.mark, bpf.mark);
+                rules.push(self.rule(
+                    &format!("-s {n} -o {} -m mark --mark {mark}", bpf.uplink),
+                    "RETURN",
+                ));
+                // Ports can be given for port protocols only; ICMP keeps the kernel's.
+                let (lo, hi) = bpf.ports;
+                let random = if spec.random_fully {
+                    " --random-fully"
+                } else {
+                    ""
+                };
+                for proto in ["tcp", "udp"] {
+                    rules.push(self.rule(
+                        &format!("-s {n} ! -d 224.0.0.0/4 -p {proto}"),
+                        &format!("MASQUERADE --to-ports {lo}-{hi}{random}"),
+                    ));
+                }
+            }
+            rules.push(self.rule(&format!("-s {n} ! -d 224.0.0.0/4"), masquerade));
+            rules.push(self.rule(&format!("! -s {n} -d {n}"), masquerade));
+            Some(rules)
         } else {
             if !spec.forward_accept {
                 return None;
@@ -252,6 +276,8 @@ mod tests {
             masquerade: true,
             random_fully: false,
             forward_accept: true,
+            exclude: Vec::new(),
+            bpf_nat: None,
         }
     }
 

@@ -27,6 +27,50 @@ pub struct MasqSpec {
     pub random_fully: bool,
     /// ACCEPT rules in FORWARD for the pod network (--iptables-forward-rules).
     pub forward_accept: bool,
+    /// Destinations pod traffic reaches unmasqueraded (--masquerade-exclude).
+    pub exclude: Vec<Ipv4Network>,
+    /// Set when the BPF programs do the source NAT.
+    pub bpf_nat: Option<BpfNatRule>,
+}
+
+/// `--masquerade`: who source-NATs pod traffic leaving the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MasqueradeChoice {
+    /// The BPF programs where the BPF dataplane runs, else the firewall.
+    Auto,
+    /// The BPF programs (the firewall's rule stays as their fallback).
+    Bpf,
+    /// nftables' masquerade rule.
+    Nftables,
+    /// iptables' MASQUERADE rule.
+    Iptables,
+}
+
+impl MasqueradeChoice {
+    /// The firewall to use given `--firewall`: `--masquerade nftables|iptables` names one.
+    pub fn firewall(self, firewall: FirewallChoice) -> Result<FirewallChoice> {
+        let named = match self {
+            MasqueradeChoice::Nftables => FirewallChoice::Nftables,
+            MasqueradeChoice::Iptables => FirewallChoice::Iptables,
+            _ => return Ok(firewall),
+        };
+        if firewall != FirewallChoice::Auto && firewall != named {
+            bail!(
+                "--masquerade={self:?} and --firewall={firewall:?} disagree: drop one, or make them name the same firewall"
+            );
+        }
+        Ok(named)
+    }
+}
+
+/// The BPF source NAT's share of the masquerade rule: packets `from_pod` marked for it
+/// and leaving by the uplink are skipped; the rule's own translations take other ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BpfNatRule {
+    pub uplink: String,
+    pub mark: u32,
+    /// Ports the rule's masquerade may take (the BPF table has the others).
+    pub ports: (u16, u16),
 }
 
 /// One firewall implementation. `ensure` is idempotent and cheap when nothing changed;

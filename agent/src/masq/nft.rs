@@ -118,8 +118,34 @@ pub fn render(spec: &MasqSpec) -> Option<String> {
              \t\tmeta mark & 0x00004000 == 0x00004000 return\n\
              \t\tip saddr {p} ip daddr {n} return\n\
              \t\tip saddr {n} ip daddr {p} return\n\
-             \t\tip saddr != {n} ip daddr {p} return\n\
-             \t\tip saddr {n} ip daddr != 224.0.0.0/4 {masquerade}\n\
+             \t\tip saddr != {n} ip daddr {p} return\n"
+        );
+        if !spec.exclude.is_empty() {
+            let set: Vec<String> = spec.exclude.iter().map(|c| c.to_string()).collect();
+            out += &format!(
+                "\t\tip saddr {n} ip daddr {{ {} }} return\n",
+                set.join(", ")
+            );
+        }
+        if let Some(bpf) = &spec.bpf_nat {
+            out += &format!(
+                "\t\tip saddr {n} oifname \"{}\" meta mark & 0x{:08x} == 0x{:08x} return\n",
+                bpf.uplink, bpf.mark, bpf.mark
+            );
+            // The fallback's own ports, for the protocols that have ports (nft wants the
+            // match); ICMP keeps the kernel's choice of identifier.
+            let (lo, hi) = bpf.ports;
+            let flags = if spec.random_fully {
+                " fully-random"
+            } else {
+                ""
+            };
+            out += &format!(
+                "\t\tip saddr {n} ip daddr != 224.0.0.0/4 meta l4proto {{ tcp, udp }} masquerade to :{lo}-{hi}{flags}\n"
+            );
+        }
+        out += &format!(
+            "\t\tip saddr {n} ip daddr != 224.0.0.0/4 {masquerade}\n\
              \t\tip saddr != {n} ip daddr {n} {masquerade}\n\
              \t}}\n"
         );
@@ -182,7 +208,37 @@ mod tests {
             masquerade: true,
             random_fully: true,
             forward_accept: true,
+            exclude: Vec::new(),
+            bpf_nat: None,
         }
+    }
+
+    #[test]
+    fn bpf_nat_and_exclusions_shape_the_masquerade_rule() {
+        let table = render(&MasqSpec {
+            exclude: vec![
+                "192.168.0.0/16".parse().unwrap(),
+                "172.16.0.0/12".parse().unwrap(),
+            ],
+            bpf_nat: Some(super::super::BpfNatRule {
+                uplink: "eth0".into(),
+                mark: 0x800,
+                ports: (1024, 60999),
+            }),
+            ..spec()
+        })
+        .unwrap();
+        let exclude = "ip saddr 10.244.0.0/16 ip daddr { 192.168.0.0/16, 172.16.0.0/12 } return";
+        let skip =
+            "ip saddr 10.244.0.0/16 oifname \"eth0\" meta mark & 0x00000800 == 0x00000800 return";
+        let fallback =
+            "ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 meta l4proto { tcp, udp } masquerade to :1024-60999 fully-random";
+        let at = |line: &str| {
+            table
+                .find(line)
+                .unwrap_or_else(|| panic!("{line:?} not in {table}"))
+        };
+        assert!(at(exclude) < at(skip) && at(skip) < at(fallback), "{table}");
     }
 
     #[test]

@@ -1,0 +1,283 @@
+//! The agent's side of BPF source NAT (the programs' side is `ebpf/src/nat.rs`): the
+//! settings the programs get, the ports they allocate from, and the collector that removes
+//! mappings whose flow went quiet, with conntrack's timeouts.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
+use ipnetwork::Ipv4Network;
+
+use weft_common::{
+    NatEntry, NatKey, NatState, MAP_NAT, MAP_NAT_REVERSE, MAP_NAT_STATE, NAT_SEEN_CLOSE,
+    NAT_SEEN_REPLY,
+};
+
+use super::bpffs;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// What the BPF source NAT is told by the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatSettings {
+    /// Ports (ICMP identifiers) mappings take, inclusive.
+    pub ports: (u16, u16),
+    /// Entries of each NAT map (`--masquerade-table-size`).
+    pub table_size: u32,
+    /// Destinations that keep pod addresses (`--masquerade-exclude`).
+    pub exclude: Vec<Ipv4Network>,
+}
+
+impl NatSettings {
+    /// New flows go to the kernel's masquerade once the table holds this many mappings,
+    /// leaving room for the flows already marked for BPF on their way to the uplink.
+    pub fn limit(&self) -> u32 {
+        (self.table_size - self.table_size / 8).max(1)
+    }
+}
+
+/// The NAT port range: `--masquerade-ports` if given, else the ports above the node's
+/// ephemeral range (`net.ipv4.ip_local_port_range`, read in the agent's namespace), so
+/// that mappings never take a port the node's own connections use.
+pub fn port_range(flag: Option<&str>) -> Result<(u16, u16)> {
+    if let Some(text) = flag {
+        let parsed = text.split_once('-').and_then(|(a, b)| {
+            Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
+        });
+        return match parsed {
+            Some((lo, hi)) if 1024 <= lo && lo <= hi => Ok((lo, hi)),
+            _ => bail!("--masquerade-ports {text:?} is not a range like 61000-65535 (from 1024, low before high)"),
+        };
+    }
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let mut numbers = text.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(_lo)), Some(Ok(hi))) = (numbers.next(), numbers.next()) else {
+        bail!("{path} does not hold two ports: {text:?}");
+    };
+    if hi > 65535 - 1024 {
+        bail!(
+            "the node's ephemeral ports (net.ipv4.ip_local_port_range, {}) leave fewer than 1024 ports above them for BPF source NAT: give --masquerade-ports (a range the node's connections do not use), or --masquerade=nftables",
+            text.trim()
+        );
+    }
+    Ok((hi + 1, 65535))
+}
+
+/// The ports of the kernel masquerade's fallback: the rest, so that both never pick the
+/// same port toward the same destination.
+pub fn fallback_ports(nat: (u16, u16)) -> (u16, u16) {
+    if nat.0 > 1024 {
+        (1024, nat.0 - 1)
+    } else {
+        (nat.1.saturating_add(1), 65535)
+    }
+}
+
+/// The key of the replies of the flow `key` mapped to `out` (the node's address and port).
+pub fn reverse_key(key: &NatKey, out: &NatEntry) -> NatKey {
+    // ICMP echo: the identifier is both "ports".
+    let src_port = if key.protocol == IPPROTO_ICMP {
+        out.port
+    } else {
+        key.dst_port
+    };
+    NatKey::new(key.protocol, key.dst_ip, src_port, out.addr, out.port)
+}
+
+/// How long a mapping lives after its last packet: conntrack's defaults.
+pub fn timeout(protocol: u8, state: u8) -> Duration {
+    let secs = match protocol {
+        IPPROTO_TCP if state & NAT_SEEN_CLOSE != 0 => 120,
+        IPPROTO_TCP if state & NAT_SEEN_REPLY != 0 => 432_000,
+        IPPROTO_TCP => 120,
+        IPPROTO_UDP if state & NAT_SEEN_REPLY != 0 => 120,
+        IPPROTO_UDP => 30,
+        _ => 30,
+    };
+    Duration::from_secs(secs)
+}
+
+/// One mapping, both directions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub key: NatKey,
+    pub out: NatEntry,
+    pub back: Option<NatEntry>,
+}
+
+impl Mapping {
+    pub fn state(&self) -> u8 {
+        self.out.state | self.back.map_or(0, |b| b.state)
+    }
+
+    pub fn last_seen_ns(&self) -> u64 {
+        self.out
+            .last_seen_ns
+            .max(self.back.map_or(0, |b| b.last_seen_ns))
+    }
+
+    pub fn pod(&self) -> (Ipv4Addr, u16) {
+        (
+            Ipv4Addr::from(self.key.src_ip),
+            u16::from_be_bytes(self.key.src_port),
+        )
+    }
+
+    pub fn outside(&self) -> (Ipv4Addr, u16) {
+        (
+            Ipv4Addr::from(self.key.dst_ip),
+            u16::from_be_bytes(self.key.dst_port),
+        )
+    }
+
+    pub fn node(&self) -> (Ipv4Addr, u16) {
+        (
+            Ipv4Addr::from(self.out.addr),
+            u16::from_be_bytes(self.out.port),
+        )
+    }
+}
+
+fn open(dir: &Path, name: &str) -> Result<Map> {
+    let path = bpffs::pin_path(dir, name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
+type NatMap = BpfHashMap<MapData, NatKey, NatEntry>;
+
+/// Every mapping pinned under `dir`.
+pub fn mappings(dir: &Path) -> Result<Vec<Mapping>> {
+    let nat: NatMap = open(dir, MAP_NAT)?.try_into()?;
+    let reverse: NatMap = open(dir, MAP_NAT_REVERSE)?.try_into()?;
+    let mut out = Vec::new();
+    for item in nat.iter() {
+        let (key, entry) = item.context("reading the nat map")?;
+        let back = reverse.get(&reverse_key(&key, &entry), 0).ok();
+        out.push(Mapping {
+            key,
+            out: entry,
+            back,
+        });
+    }
+    Ok(out)
+}
+
+/// What one collection did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Mappings left.
+    pub entries: u64,
+    /// Mappings removed.
+    pub removed: u64,
+}
+
+/// Removes the mappings idle for longer than their timeout at `now_ns` (CLOCK_MONOTONIC),
+/// and reverse entries whose mapping is gone, then sets the exact count the programs
+/// compare with their limit.
+pub fn collect(dir: &Path, now_ns: u64) -> Result<Collected> {
+    let mut nat: NatMap = open(dir, MAP_NAT)?.try_into()?;
+    let mut reverse: NatMap = open(dir, MAP_NAT_REVERSE)?.try_into()?;
+    let mut state: Array<MapData, NatState> = open(dir, MAP_NAT_STATE)?.try_into()?;
+    let mut expired = Vec::new();
+    let mut live_reverse = std::collections::HashSet::new();
+    let mut entries = 0u64;
+    for item in nat.iter() {
+        let (key, out) = item.context("reading the nat map")?;
+        let rkey = reverse_key(&key, &out);
+        let back = reverse.get(&rkey, 0).ok();
+        let mapping = Mapping { key, out, back };
+        let idle = Duration::from_nanos(now_ns.saturating_sub(mapping.last_seen_ns()));
+        if idle > timeout(key.protocol, mapping.state()) {
+            expired.push((key, rkey));
+        } else {
+            entries += 1;
+            live_reverse.insert(rkey);
+        }
+    }
+    // A reverse entry without its mapping: a port a lost race left taken.
+    let mut orphans = Vec::new();
+    for item in reverse.iter() {
+        let (rkey, back) = item.context("reading the nat_reverse map")?;
+        let idle = Duration::from_nanos(now_ns.saturating_sub(back.last_seen_ns));
+        if !live_reverse.contains(&rkey) && idle > Duration::from_secs(10) {
+            orphans.push(rkey);
+        }
+    }
+    let mut removed = 0;
+    for (key, rkey) in &expired {
+        if nat.remove(key).is_ok() {
+            removed += 1;
+        }
+        let _ = reverse.remove(rkey);
+    }
+    for rkey in &orphans {
+        let _ = reverse.remove(rkey);
+    }
+    state.set(0, NatState { entries }, 0)?;
+    Ok(Collected { entries, removed })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_given_are_checked() {
+        assert_eq!(port_range(Some("61000-65535")).unwrap(), (61000, 65535));
+        let err = port_range(Some("70-60")).unwrap_err().to_string();
+        assert!(err.contains("--masquerade-ports \"70-60\""), "{err}");
+    }
+
+    #[test]
+    fn the_fallback_takes_the_other_ports() {
+        assert_eq!(fallback_ports((61000, 65535)), (1024, 60999));
+        assert_eq!(fallback_ports((1024, 2047)), (2048, 65535));
+    }
+
+    #[test]
+    fn timeouts_follow_conntrack() {
+        assert_eq!(timeout(IPPROTO_TCP, 0), Duration::from_secs(120));
+        assert_eq!(
+            timeout(IPPROTO_TCP, NAT_SEEN_REPLY),
+            Duration::from_secs(432_000)
+        );
+        assert_eq!(
+            timeout(IPPROTO_TCP, NAT_SEEN_REPLY | NAT_SEEN_CLOSE),
+            Duration::from_secs(120)
+        );
+        assert_eq!(timeout(IPPROTO_UDP, 0), Duration::from_secs(30));
+        assert_eq!(
+            timeout(IPPROTO_UDP, NAT_SEEN_REPLY),
+            Duration::from_secs(120)
+        );
+        assert_eq!(timeout(IPPROTO_ICMP, 0), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn an_echo_mapping_is_keyed_by_its_identifier_both_ways() {
+        let key = NatKey {
+            src_ip: [10, 244, 1, 2],
+            dst_ip: [198, 51, 100, 1],
+            src_port: 7u16.to_be_bytes(),
+            dst_port: 7u16.to_be_bytes(),
+            protocol: IPPROTO_ICMP,
+            _pad: [0; 3],
+        };
+        let out = NatEntry {
+            addr: [198, 18, 0, 11],
+            port: 61234u16.to_be_bytes(),
+            state: 0,
+            _pad: 0,
+            last_seen_ns: 0,
+        };
+        let r = reverse_key(&key, &out);
+        assert_eq!((r.src_port, r.dst_port), (out.port, out.port));
+        assert_eq!((r.src_ip, r.dst_ip), ([198, 51, 100, 1], [198, 18, 0, 11]));
+    }
+}

@@ -1,0 +1,380 @@
+//! Source NAT by the BPF programs (`--ip-masq --masquerade bpf`): pod traffic leaving the
+//! cluster, in the lab, with real TCP, UDP and ICMP to the external host.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use serde_json::Value;
+use weft_common::Counter;
+use weft_tests::echo::{call, EchoServer};
+use weft_tests::exec::{ip, Cmd};
+use weft_tests::kube_proxy::Protocol;
+use weft_tests::lab::EXTERNAL_HOST;
+use weft_tests::{wait_until, Backend, Dataplane, Lab, LabConfig, Pod};
+
+/// An address of the fabric (like the external host) that `--masquerade-exclude` names:
+/// pods reach it with their own address.
+const EXCLUDED_HOST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+/// The lab nodes' ephemeral ports are Linux's default 32768-60999: BPF NAT takes the rest.
+const NAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=65535;
+const WAIT: Duration = Duration::from_secs(10);
+
+fn nat_lab(backend: Backend, extra: &[&str]) -> Lab {
+    let mut args = vec![
+        "--masquerade=bpf".to_string(),
+        format!("--masquerade-exclude={EXCLUDED_HOST}/32"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let lab = Lab::start(LabConfig {
+        nodes: 2,
+        backend,
+        ip_masq: true,
+        dataplane: Dataplane::Bpf,
+        extra_agent_args: args,
+        ..Default::default()
+    })
+    .expect("lab starts");
+    ip(
+        lab.fabric_ns(),
+        &format!("addr add {EXCLUDED_HOST}/32 dev lo"),
+    )
+    .unwrap();
+    lab
+}
+
+/// Pods that have talked (so their node learned them) and programs complete on every node.
+fn ready(lab: &Lab, pods: &[Pod]) {
+    lab.assert_all_pairs_ping(pods, "before NAT", WAIT);
+    for node in 1..=lab.node_count() {
+        lab.wait_bpf_synced(node, WAIT).unwrap();
+    }
+}
+
+fn server(lab: &Lab, protocol: Protocol, host: Ipv4Addr, port: u16) -> EchoServer {
+    EchoServer::start(lab.fabric_ns(), SocketAddrV4::new(host, port), protocol)
+        .expect("echo server on the fabric")
+}
+
+fn weft_bpf_nat(lab: &Lab, node: usize) -> Vec<Value> {
+    let bpf_dir = lab.bpf_dir(node).to_string_lossy().into_owned();
+    let weft = lab.binary("weft").unwrap().to_string_lossy().into_owned();
+    let out = Cmd::new([
+        weft.as_str(),
+        "bpf",
+        "nat",
+        "--bpf-dir",
+        &bpf_dir,
+        "-o",
+        "json",
+    ])
+    .netns(lab.node_ns(node))
+    .run()
+    .unwrap();
+    serde_json::from_str(&out).unwrap()
+}
+
+fn translates_tcp_udp_and_icmp_and_leaks_no_pod_address(backend: Backend) {
+    let mut lab = nat_lab(backend, &[]);
+    let pods = lab.add_pods(1).expect("pods attach");
+    ready(&lab, &pods);
+    let pod: &Pod = &pods[0];
+    let node = pod.node;
+    // Everything that leaves toward the outside is captured: no pod source may show up
+    // (the excluded host is the one destination that keeps it).
+    let leak_filter = format!(
+        "ip and src net 10.244.0.0/16 and not dst net 10.244.0.0/16 and not dst host {EXCLUDED_HOST}"
+    );
+    let leaks = lab
+        .tcpdump(
+            lab.fabric_ns(),
+            "br0",
+            &leak_filter,
+            1,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let before = lab.bpf_counters(node).unwrap();
+
+    let tcp = server(&lab, Protocol::Tcp, EXTERNAL_HOST, 8080);
+    let udp = server(&lab, Protocol::Udp, EXTERNAL_HOST, 8081);
+    for (protocol, port) in [(Protocol::Tcp, 8080), (Protocol::Udp, 8081)] {
+        let reply = call(
+            &pod.ns,
+            SocketAddrV4::new(EXTERNAL_HOST, port),
+            protocol,
+            WAIT,
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{} from the pod: {e:#}\n{}",
+                protocol.name(),
+                lab.diagnostics()
+            )
+        });
+        assert_eq!(*reply.seen_by_server.ip(), lab.node_ip(node), "{reply:?}");
+        assert!(
+            NAT_PORTS.contains(&reply.seen_by_server.port()),
+            "{} left from port {}, not one of BPF NAT's {NAT_PORTS:?}",
+            protocol.name(),
+            reply.seen_by_server.port()
+        );
+    }
+    // ICMP echo: the reply arrives, the fabric sees the node's address.
+    let filter = format!("icmp[icmptype] == icmp-echo and dst host {EXTERNAL_HOST}");
+    let source = lab
+        .first_packet_source(lab.fabric_ns(), "br0", &filter, || {
+            lab.ping(pod, EXTERNAL_HOST);
+        })
+        .unwrap();
+    assert_eq!(source, lab.node_ip(node));
+    assert!(
+        lab.ping(pod, EXTERNAL_HOST),
+        "no echo reply through BPF NAT"
+    );
+    // The excluded destination sees the pod.
+    let filter = format!("icmp[icmptype] == icmp-echo and dst host {EXCLUDED_HOST}");
+    let source = lab
+        .first_packet_source(lab.fabric_ns(), "br0", &filter, || {
+            lab.ping(pod, EXCLUDED_HOST);
+        })
+        .unwrap();
+    assert_eq!(
+        source, pod.ip,
+        "--masquerade-exclude keeps the pod's address"
+    );
+
+    let grew = lab.bpf_counters(node).unwrap().since(&before);
+    assert!(grew.get(Counter::NatAlloc) >= 3, "{grew:?}");
+    assert!(
+        grew.get(Counter::NatOut) >= 3 && grew.get(Counter::NatIn) >= 3,
+        "{grew:?}"
+    );
+    assert_eq!(grew.get(Counter::NatAllocFailed), 0, "{grew:?}");
+    // `weft bpf nat` shows the TCP mapping, replied.
+    let rows = weft_bpf_nat(&lab, node);
+    assert!(
+        rows.iter().any(|r| r["protocol"] == "tcp"
+            && r["pod"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{}:", pod.ip))
+            && r["outside"] == format!("{EXTERNAL_HOST}:8080")
+            && r["node"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{}:", lab.node_ip(node)))),
+        "{rows:#?}"
+    );
+    // Pod to pod keeps pod addresses (across nodes).
+    let other = &pods[1];
+    let source = lab
+        .first_packet_source(&other.ns, "eth0", "icmp[icmptype] == icmp-echo", || {
+            lab.ping(pod, other.ip);
+        })
+        .unwrap();
+    assert_eq!(source, pod.ip);
+    let leaked = leaks.stop();
+    assert!(
+        !leaked.lines().any(|l| l.starts_with("IP ")),
+        "packets left toward the outside with a pod source:\n{leaked}"
+    );
+    drop((tcp, udp));
+}
+
+#[test]
+fn vxlan_bpf_nat_translates_tcp_udp_and_icmp_and_leaks_no_pod_address() {
+    translates_tcp_udp_and_icmp_and_leaks_no_pod_address(Backend::Vxlan);
+}
+
+#[test]
+fn host_gw_bpf_nat_translates_tcp_udp_and_icmp_and_leaks_no_pod_address() {
+    translates_tcp_udp_and_icmp_and_leaks_no_pod_address(Backend::HostGw);
+}
+
+/// With the table made tiny, flows beyond it go to the kernel's masquerade (other
+/// ports), every one of them answered, and the counters say so.
+fn a_full_table_hands_new_flows_to_the_kernels_masquerade(firewall: &str) {
+    let mut lab = nat_lab(
+        Backend::Vxlan,
+        &[
+            "--masquerade-table-size=8",
+            &format!("--firewall={firewall}"),
+        ],
+    );
+    let pods = lab.add_pods(1).unwrap();
+    ready(&lab, &pods);
+    let pod = &pods[0];
+    let udp = server(&lab, Protocol::Udp, EXTERNAL_HOST, 9000);
+    let before = lab.bpf_counters(1).unwrap();
+    let mut by_bpf = 0;
+    let mut by_kernel = 0;
+    for _ in 0..16 {
+        // Each call is a new socket: a new flow.
+        let reply = call(&pod.ns, udp.addr, Protocol::Udp, WAIT)
+            .unwrap_or_else(|e| panic!("a flow got no answer: {e:#}"));
+        assert_eq!(*reply.seen_by_server.ip(), lab.node_ip(1));
+        if NAT_PORTS.contains(&reply.seen_by_server.port()) {
+            by_bpf += 1;
+        } else {
+            by_kernel += 1;
+        }
+    }
+    let grew = lab.bpf_counters(1).unwrap().since(&before);
+    assert_eq!(by_bpf, 7, "the table takes 7/8 of 8 mappings");
+    assert_eq!(by_kernel, 9);
+    assert!(grew.get(Counter::NatFallback) >= 9, "{grew:?}");
+    assert_eq!(grew.get(Counter::NatAllocFailed), 0, "{grew:?}");
+}
+
+#[test]
+fn a_full_table_hands_new_flows_to_nftables_masquerade() {
+    a_full_table_hands_new_flows_to_the_kernels_masquerade("nftables");
+}
+
+#[test]
+fn a_full_table_hands_new_flows_to_iptables_masquerade() {
+    a_full_table_hands_new_flows_to_the_kernels_masquerade("iptables");
+}
+
+/// Two pods on one node sending from the same port to the same destination, and the node
+/// itself to the same destination port at the same time: every flow gets its answers.
+#[test]
+fn pods_and_the_node_share_a_destination_without_colliding() {
+    let mut lab = nat_lab(Backend::Vxlan, &[]);
+    let a = lab.add_pod(1).unwrap();
+    let b = lab.add_pod(1).unwrap();
+    // A pod on the other node, so that the two talk through their gateway and are learned.
+    let c = lab.add_pod(2).unwrap();
+    ready(&lab, &[a.clone(), b.clone(), c]);
+    let udp = server(&lab, Protocol::Udp, EXTERNAL_HOST, 9100);
+    let src_port = 40000;
+    let seen: Vec<SocketAddrV4> = std::thread::scope(|s| {
+        let calls: Vec<_> = [&a.ns, &b.ns, &lab.node_ns(1).to_string()]
+            .into_iter()
+            .map(|ns| {
+                let ns = ns.clone();
+                let dst = udp.addr;
+                s.spawn(move || {
+                    weft_tests::echo::call_from_port(&ns, src_port, dst, Protocol::Udp, WAIT)
+                })
+            })
+            .collect();
+        calls
+            .into_iter()
+            .map(|c| {
+                c.join()
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("{e:#}"))
+                    .seen_by_server
+            })
+            .collect()
+    });
+    assert!(seen.iter().all(|s| *s.ip() == lab.node_ip(1)), "{seen:?}");
+    let mut ports: Vec<u16> = seen.iter().map(|s| s.port()).collect();
+    ports.sort();
+    ports.dedup();
+    assert_eq!(ports.len(), 3, "three flows, three ports: {seen:?}");
+    // The node's own socket kept its port; the pods' got BPF NAT ports.
+    assert_eq!(seen[2].port(), src_port, "{seen:?}");
+    assert!(NAT_PORTS.contains(&seen[0].port()) && NAT_PORTS.contains(&seen[1].port()));
+}
+
+/// A host behind a link with a smaller MTU answers a pod's 1,400-byte DF packet with
+/// fragmentation-needed, sent to the node's address: translated back, quoted packet
+/// included, it reaches the pod, whose path MTU discovery learns 1280.
+#[test]
+fn fragmentation_needed_reaches_the_pod_through_bpf_nat() {
+    let mut lab = nat_lab(Backend::Vxlan, &[]);
+    let pods = lab.add_pods(1).unwrap();
+    ready(&lab, &pods);
+    let pod = &pods[0];
+    // fabric ─(MTU 1280)─ far (203.0.113.2)
+    let far = lab.create_ns("far").unwrap();
+    let fab = lab.fabric_ns().to_string();
+    ip(
+        &fab,
+        &format!("link add vfar mtu 1280 type veth peer name eth0 netns {far}"),
+    )
+    .unwrap();
+    ip(&fab, "addr add 203.0.113.1/30 dev vfar").unwrap();
+    ip(&fab, "link set vfar up").unwrap();
+    ip(&far, "link set eth0 mtu 1280 up").unwrap();
+    ip(&far, "addr add 203.0.113.2/30 dev eth0").unwrap();
+    ip(&far, "route add default via 203.0.113.1").unwrap();
+    Cmd::new(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        .netns(&fab)
+        .run()
+        .unwrap();
+    assert!(
+        lab.ping(pod, Ipv4Addr::new(203, 0, 113, 2)),
+        "the far host answers small pings"
+    );
+    let before = lab.bpf_counters(1).unwrap();
+    let out = Cmd::new([
+        "ping",
+        "-n",
+        "-M",
+        "do",
+        "-s",
+        "1372",
+        "-c",
+        "3",
+        "-i",
+        "0.3",
+        "-W",
+        "1",
+        "203.0.113.2",
+    ])
+    .netns(&pod.ns)
+    .timeout(WAIT)
+    .output()
+    .unwrap();
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        text.contains("mtu = 1280") || text.contains("mtu=1280"),
+        "the pod never learned the path MTU:\n{text}"
+    );
+    let grew = lab.bpf_counters(1).unwrap().since(&before);
+    assert!(grew.get(Counter::NatIn) >= 1, "{grew:?}");
+    let route = Cmd::new(["ip", "route", "get", "203.0.113.2"])
+        .netns(&pod.ns)
+        .run()
+        .unwrap();
+    assert!(route.contains("mtu 1280"), "{route}");
+}
+
+/// A TCP conversation through BPF NAT goes on, every line answered, while the agent
+/// restarts: the pinned table and the attached programs carry it.
+#[test]
+fn a_tcp_stream_through_bpf_nat_survives_an_agent_restart() {
+    let mut lab = nat_lab(Backend::Vxlan, &[]);
+    let pods = lab.add_pods(1).unwrap();
+    ready(&lab, &pods);
+    let tcp = server(&lab, Protocol::Tcp, EXTERNAL_HOST, 9200);
+    let ns = pods[0].ns.clone();
+    let dst = tcp.addr;
+    let conversation = std::thread::spawn(move || {
+        weft_tests::echo::converse(
+            &ns,
+            dst,
+            60,
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+        )
+    });
+    // The flow has a mapping before the agent goes.
+    wait_until("the conversation's mapping", WAIT, || {
+        Ok(weft_bpf_nat(&lab, 1)
+            .iter()
+            .any(|r| r["outside"] == format!("{EXTERNAL_HOST}:9200")))
+    })
+    .unwrap();
+    lab.stop_agent(1);
+    lab.start_agent(1).expect("the agent comes back");
+    let exchanged = conversation
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(exchanged, 60);
+    drop(tcp);
+}
