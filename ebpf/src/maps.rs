@@ -101,6 +101,21 @@ impl<K, V, const T: usize, const M: usize, const F: usize, const P: usize>
         ret == 0
     }
 
+    /// Stores `value` under `key`, replacing what is there; true if it was stored.
+    #[inline(always)]
+    fn set(&self, key: &K, value: &V) -> bool {
+        // SAFETY: `self` is a map the loader relocated; key and value have its types.
+        let ret = unsafe {
+            bpf_map_update_elem(
+                ptr::from_ref(self).cast_mut().cast::<c_void>(),
+                ptr::from_ref(key).cast(),
+                ptr::from_ref(value).cast(),
+                0, // BPF_ANY
+            )
+        };
+        ret == 0
+    }
+
     /// Removes the entry under `key`, if any.
     #[inline(always)]
     fn delete(&self, key: &K) {
@@ -259,6 +274,26 @@ pub fn nat_insert(
         return Some(*entry);
     }
     NAT_REVERSE.delete(reverse_key);
+    NAT.get(key)
+}
+
+/// Gives the port of a finished flow (`old_key`, whose replies' key is `reverse_key`) to
+/// the flow `key`: the old mapping goes, the reverse entry is overwritten. The count stays.
+#[inline(always)]
+pub fn nat_take_over(
+    old_key: &NatKey,
+    key: &NatKey,
+    entry: &NatEntry,
+    reverse_key: &NatKey,
+    reverse: &NatEntry,
+) -> Option<NatEntry> {
+    NAT.delete(old_key);
+    if !NAT_REVERSE.set(reverse_key, reverse) {
+        return None;
+    }
+    if NAT.insert_new(key, entry) {
+        return Some(*entry);
+    }
     NAT.get(key)
 }
 

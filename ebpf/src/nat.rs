@@ -44,7 +44,7 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 /// Ports tried for a new mapping before the packet is dropped.
-const ALLOC_TRIES: u32 = 8;
+const ALLOC_TRIES: u32 = 16;
 /// How stale a timestamp may get before a packet rewrites it (fewer writes to shared
 /// cache lines; the collector's timeouts are seconds to hours).
 const TOUCH_NS: u64 = 1_000_000_000;
@@ -226,7 +226,8 @@ fn icmp_type(ctx: &TcContext, l4_off: usize) -> Option<u8> {
     read::<[u8; 2]>(ctx, l4_off).map(|b| b[0])
 }
 
-/// Refreshes an entry's timestamp (at most once a second) and records a close.
+/// Refreshes an entry's timestamp (at most once a second) and records a close (with its
+/// time).
 ///
 /// # Safety
 /// `entry` must point at a NAT map value.
@@ -235,8 +236,10 @@ unsafe fn touch(entry: *mut NatEntry, now: u64, close: bool) {
     if now.wrapping_sub((*entry).last_seen_ns) > TOUCH_NS {
         (*entry).last_seen_ns = now;
     }
+    // The close's own time: a closed port is reused soon after it.
     if close && (*entry).state & NAT_SEEN_CLOSE == 0 {
         (*entry).state |= NAT_SEEN_CLOSE;
+        (*entry).last_seen_ns = now;
     }
 }
 
@@ -287,9 +290,77 @@ fn allocate(cfg: &DataplaneConfig, key: &NatKey, now: u64) -> Option<NatEntry> {
             }
             return Some(mapping);
         }
+        // The port is held toward this destination: free if its flow has ended.
+        if let Some(mapping) = take_over_finished(key, &out, &reverse_key, &back, now) {
+            if mapping.port == port {
+                count(Counter::NatAlloc);
+            }
+            return Some(mapping);
+        }
         i += 1;
     }
     None
+}
+
+/// How long after a TCP close a port may serve another flow toward the same destination:
+/// after FINs both ways only the last ACK may still be on its way; after a FIN or RST one
+/// way, a little longer. The pod keeps its own TIME_WAIT for its address and port.
+const CLOSED_BOTH_WAYS_REUSE_NS: u64 = 20_000_000;
+const CLOSED_REUSE_NS: u64 = 200_000_000;
+
+/// Whether the flow of a mapping has ended: closed (`out_state` is the pod's direction's
+/// state, `back_state` the replies'), or idle past conntrack's timeout since
+/// `last_seen_ns`. The collector's rules, inline.
+#[inline(always)]
+fn finished(protocol: u8, out_state: u8, back_state: u8, last_seen_ns: u64, now: u64) -> bool {
+    let idle = now.wrapping_sub(last_seen_ns);
+    let secs: u64 = 1_000_000_000;
+    let state = out_state | back_state;
+    match protocol {
+        IPPROTO_TCP if out_state & back_state & NAT_SEEN_CLOSE != 0 => {
+            idle > CLOSED_BOTH_WAYS_REUSE_NS
+        }
+        IPPROTO_TCP if state & NAT_SEEN_CLOSE != 0 => idle > CLOSED_REUSE_NS,
+        IPPROTO_TCP if state & NAT_SEEN_REPLY != 0 => idle > 432_000 * secs,
+        IPPROTO_TCP => idle > 120 * secs,
+        IPPROTO_UDP if state & NAT_SEEN_REPLY != 0 => idle > 120 * secs,
+        _ => idle > 30 * secs,
+    }
+}
+
+/// Takes over the port `reverse_key` names when the flow holding it has finished.
+#[inline(always)]
+fn take_over_finished(
+    key: &NatKey,
+    out: &NatEntry,
+    reverse_key: &NatKey,
+    back: &NatEntry,
+    now: u64,
+) -> Option<NatEntry> {
+    // SAFETY: a non-null lookup result points at the map's value.
+    let held = unsafe { *maps::nat_reverse(reverse_key)? };
+    // The holder's own mapping: its pod's address and port toward this destination.
+    let held_dst_port = if key.protocol == IPPROTO_ICMP {
+        held.port
+    } else {
+        key.dst_port
+    };
+    let old_key = NatKey::new(
+        key.protocol,
+        held.addr,
+        held.port,
+        key.dst_ip,
+        held_dst_port,
+    );
+    let (out_state, last) = match maps::nat(&old_key) {
+        // SAFETY: as above.
+        Some(old) => unsafe { ((*old).state, (*old).last_seen_ns.max(held.last_seen_ns)) },
+        None => (NAT_SEEN_CLOSE, held.last_seen_ns),
+    };
+    if !finished(key.protocol, out_state, held.state, last, now) {
+        return None;
+    }
+    maps::nat_take_over(&old_key, key, out, reverse_key, back)
 }
 
 /// Which port field a rewrite changes.

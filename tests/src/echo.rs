@@ -64,7 +64,7 @@ impl EchoServer {
 }
 
 /// SO_RCVTIMEO on a listening socket bounds a blocking accept(2) (std has no setter).
-fn set_accept_timeout(listener: &TcpListener, timeout: Duration) -> Result<()> {
+pub(crate) fn set_accept_timeout(listener: &TcpListener, timeout: Duration) -> Result<()> {
     use std::os::fd::AsRawFd;
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,

@@ -63,6 +63,9 @@ pub struct Service {
     pub node_port: Option<u16>,
     pub traffic_policy: TrafficPolicy,
     pub endpoints: Vec<Endpoint>,
+    /// Marked for kube-proxy's masquerade whatever the client, as kube-proxy's
+    /// `--masquerade-all` does (else only clients outside the cluster CIDR are).
+    pub masquerade_all: bool,
 }
 
 impl Service {
@@ -77,6 +80,7 @@ impl Service {
             node_port: None,
             traffic_policy: TrafficPolicy::Cluster,
             endpoints: Vec::new(),
+            masquerade_all: false,
         }
     }
 
@@ -148,7 +152,12 @@ pub fn iptables_rules(services: &[Service], cluster_cidr: &str, node: usize) -> 
         let svc_chain = format!("KUBE-SVC-{}", svc.hash("svc"));
         nat_chains.push(svc_chain.clone());
         let _ = writeln!(w, "-A KUBE-SERVICES -d {}/32 -p {proto} -m comment --comment \"{name} cluster IP\" -m {proto} --dport {} -j {svc_chain}", svc.cluster_ip, svc.port);
-        let _ = writeln!(w, "-A {svc_chain} ! -s {cluster_cidr} -d {}/32 -p {proto} -m comment --comment \"{name} cluster IP\" -m {proto} --dport {} -j KUBE-MARK-MASQ", svc.cluster_ip, svc.port);
+        let clients = if svc.masquerade_all {
+            String::new()
+        } else {
+            format!("! -s {cluster_cidr} ")
+        };
+        let _ = writeln!(w, "-A {svc_chain} {clients}-d {}/32 -p {proto} -m comment --comment \"{name} cluster IP\" -m {proto} --dport {} -j KUBE-MARK-MASQ", svc.cluster_ip, svc.port);
         let seps: Vec<(String, &Endpoint)> = svc
             .endpoints
             .iter()
@@ -298,7 +307,16 @@ pub fn nft_rules(services: &[Service], cluster_cidr: &str, node: usize) -> Strin
             svc.port
         );
         let _ = writeln!(w, "add chain {t} {chain}");
-        let _ = writeln!(w, "add rule {t} {chain} ip daddr {} {proto} dport {} ip saddr != {cluster_cidr} jump mark-for-masquerade", svc.cluster_ip, svc.port);
+        let clients = if svc.masquerade_all {
+            String::new()
+        } else {
+            format!(" ip saddr != {cluster_cidr}")
+        };
+        let _ = writeln!(
+            w,
+            "add rule {t} {chain} ip daddr {} {proto} dport {}{clients} jump mark-for-masquerade",
+            svc.cluster_ip, svc.port
+        );
         let endpoint_chains: Vec<(String, &Endpoint)> = svc
             .endpoints
             .iter()

@@ -13,6 +13,7 @@
 pub mod apiserver;
 pub mod bpf;
 pub mod chaos;
+pub mod conn_rate;
 pub mod cp_bench;
 pub mod datapath;
 pub mod echo;
@@ -24,6 +25,7 @@ pub mod kube_lab;
 pub mod kube_proxy;
 pub mod lab;
 pub mod load;
+pub mod nat_bench;
 pub mod netns;
 pub mod packet;
 pub mod pki;

@@ -160,6 +160,22 @@ pub fn sockperf_via(
         .with_context(|| format!("`{}` printed:\n{}", client.display(), all.trim()))
 }
 
+/// Median, minimum and maximum of `values` (not empty).
+pub fn summary(values: impl IntoIterator<Item = f64>) -> Option<(f64, f64, f64)> {
+    let mut values: Vec<f64> = values.into_iter().collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let median = if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    };
+    Some((median, values[0], values[n - 1]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

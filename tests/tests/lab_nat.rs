@@ -8,7 +8,7 @@ use serde_json::Value;
 use weft_common::Counter;
 use weft_tests::echo::{call, EchoServer};
 use weft_tests::exec::{ip, Cmd};
-use weft_tests::kube_proxy::Protocol;
+use weft_tests::kube_proxy::{Protocol, ProxyMode, Service};
 use weft_tests::lab::EXTERNAL_HOST;
 use weft_tests::{wait_until, Backend, Dataplane, Lab, LabConfig, Pod};
 
@@ -377,4 +377,90 @@ fn a_tcp_stream_through_bpf_nat_survives_an_agent_restart() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(exchanged, 60);
     drop(tcp);
+}
+
+/// A Service whose endpoint is outside the cluster: translated once. As kube-proxy runs by
+/// default (clients in the cluster CIDR not marked), the DNATed packet is pod traffic
+/// leaving the cluster and BPF NAT translates it; with `--masquerade-all`, kube-proxy marks
+/// it 0x4000 and masquerades it itself, and the programs leave it alone.
+fn a_service_with_an_outside_endpoint_is_masqueraded_once(mode: ProxyMode) {
+    let mut lab = nat_lab(Backend::Vxlan, &[]);
+    let pods = lab.add_pods(1).unwrap();
+    ready(&lab, &pods);
+    let pod = &pods[0];
+    let tcp = server(&lab, Protocol::Tcp, EXTERNAL_HOST, 9300);
+    let cluster_ip = Ipv4Addr::new(10, 96, 0, 10);
+    let service = Service::cluster_ip("outside", cluster_ip, 80, Protocol::Tcp).endpoint(
+        EXTERNAL_HOST,
+        0,
+        9300,
+    );
+    let through_service = |lab: &Lab| {
+        let before = lab.bpf_counters(1).unwrap();
+        let reply = call(
+            &pod.ns,
+            SocketAddrV4::new(cluster_ip, 80),
+            Protocol::Tcp,
+            WAIT,
+        )
+        .unwrap_or_else(|e| panic!("pod → Service → outside: {e:#}\n{}", lab.diagnostics()));
+        assert_eq!(*reply.seen_by_server.ip(), lab.node_ip(1), "{reply:?}");
+        (reply, lab.bpf_counters(1).unwrap().since(&before))
+    };
+
+    lab.install_kube_proxy(mode, std::slice::from_ref(&service))
+        .unwrap();
+    let (reply, grew) = through_service(&lab);
+    assert!(
+        NAT_PORTS.contains(&reply.seen_by_server.port()),
+        "{reply:?}"
+    );
+    assert_eq!(grew.get(Counter::NatAlloc), 1, "{grew:?}");
+
+    let all = Service {
+        masquerade_all: true,
+        ..service
+    };
+    lab.install_kube_proxy(mode, &[all]).unwrap();
+    let (reply, grew) = through_service(&lab);
+    assert_eq!(
+        (grew.get(Counter::NatAlloc), grew.get(Counter::NatOut)),
+        (0, 0),
+        "kube-proxy's masquerade had it: {reply:?} {grew:?}"
+    );
+    drop(tcp);
+}
+
+#[test]
+fn a_service_with_an_outside_endpoint_is_masqueraded_once_iptables_proxy() {
+    a_service_with_an_outside_endpoint_is_masqueraded_once(ProxyMode::Iptables);
+}
+
+#[test]
+fn a_service_with_an_outside_endpoint_is_masqueraded_once_nftables_proxy() {
+    a_service_with_an_outside_endpoint_is_masqueraded_once(ProxyMode::Nftables);
+}
+
+/// A UDP datagram to a closed port outside: the port-unreachable answer, sent to the
+/// node's address, is translated back and the pod's connected socket hears "refused".
+#[test]
+fn port_unreachable_reaches_the_pods_socket() {
+    let mut lab = nat_lab(Backend::Vxlan, &[]);
+    let pods = lab.add_pods(1).unwrap();
+    ready(&lab, &pods);
+    let before = lab.bpf_counters(1).unwrap();
+    // One datagram, one answer: the host rate-limits its ICMP errors.
+    let heard = weft_tests::icmp::in_netns(&pods[0].ns, || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(SocketAddrV4::new(EXTERNAL_HOST, 9400))?;
+        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+        socket.send(b"anyone?")?;
+        let mut buf = [0u8; 16];
+        Ok(socket.recv(&mut buf).map(drop))
+    })
+    .unwrap();
+    let err = heard.expect_err("nothing listens on 9400");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    let grew = lab.bpf_counters(1).unwrap().since(&before);
+    assert!(grew.get(Counter::NatIn) >= 1, "{grew:?}");
 }

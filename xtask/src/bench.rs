@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: build the agent (release, with the eBPF object embedded) and the
 //! benchmark, then run `weft-bench` (package weft-tests), which measures pod-to-pod
-//! throughput and ping-pong rate on every path in namespace labs, then the control plane
+//! throughput and ping-pong rate on every path in namespace labs, then a pod to the external
+//! host through each source NAT (BPF, nftables, iptables), then the control plane
 //! (5,000 Nodes through the API server emulator into an agent, BPF and kernel dataplane),
 //! and writes a markdown report (default target/bench/bench.md).
 

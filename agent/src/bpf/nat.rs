@@ -89,10 +89,12 @@ pub fn reverse_key(key: &NatKey, out: &NatEntry) -> NatKey {
     NatKey::new(key.protocol, key.dst_ip, src_port, out.addr, out.port)
 }
 
-/// How long a mapping lives after its last packet: conntrack's defaults.
+/// How long a mapping lives after its last packet: conntrack's defaults, but 10 s after a
+/// FIN or RST (the pod keeps its own TIME_WAIT; the programs may even give the port to a
+/// new flow toward the same destination half a second after the close).
 pub fn timeout(protocol: u8, state: u8) -> Duration {
     let secs = match protocol {
-        IPPROTO_TCP if state & NAT_SEEN_CLOSE != 0 => 120,
+        IPPROTO_TCP if state & NAT_SEEN_CLOSE != 0 => 10,
         IPPROTO_TCP if state & NAT_SEEN_REPLY != 0 => 432_000,
         IPPROTO_TCP => 120,
         IPPROTO_UDP if state & NAT_SEEN_REPLY != 0 => 120,
@@ -249,7 +251,7 @@ mod tests {
         );
         assert_eq!(
             timeout(IPPROTO_TCP, NAT_SEEN_REPLY | NAT_SEEN_CLOSE),
-            Duration::from_secs(120)
+            Duration::from_secs(10)
         );
         assert_eq!(timeout(IPPROTO_UDP, 0), Duration::from_secs(30));
         assert_eq!(

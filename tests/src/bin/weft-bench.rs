@@ -21,6 +21,7 @@ use std::net::Ipv4Addr;
 use weft_common::Counter;
 use weft_tests::cp_bench::{self, CpOptions, MAX_CP_NODES};
 use weft_tests::exec::run;
+use weft_tests::nat_bench;
 
 use weft_tests::kube_proxy::{Protocol, ProxyMode, Service, TrafficPolicy};
 use weft_tests::load::SOCKPERF_PORT;
@@ -29,7 +30,7 @@ use weft_tests::{
     icmp, Backend, BpfCounters, Dataplane, IperfReport, Lab, LabConfig, Pod, PortMapping,
 };
 
-use weft_tests::load::{self, PingPong};
+use weft_tests::load::{self, summary, PingPong};
 
 /// How long the BPF counters may take to show that traffic takes the BPF path (the agent
 /// learns a pod's endpoint once the node has its neighbour entry).
@@ -43,9 +44,11 @@ usage: weft-bench [--quick] [--duration SECONDS] [--runs N] [--paths NAME,...] [
   --runs       runs per path and tool; medians are reported (default 3)
   --quick      --duration 3 --runs 1, for development
   --paths      only these paths: same-node, kernel-host-gw, kernel-vxlan, bpf-vxlan,
-               bpf-direct, kernel-vxlan-service, bpf-vxlan-service, control-plane
-               (default all)
+               bpf-direct, kernel-vxlan-service, bpf-vxlan-service, masquerade,
+               control-plane (default all)
   --control-plane  only the control-plane section (same as --paths control-plane)
+  --masquerade     only the masquerade section (same as --paths masquerade): a pod to the
+               external host through BPF source NAT, nftables and iptables masquerade
   --cp-nodes   Nodes the control-plane section feeds the agent (default 5000)
   --out        where to write the markdown report (default target/bench/bench.md; the
                control-plane section is appended to it)
@@ -53,6 +56,8 @@ usage: weft-bench [--quick] [--duration SECONDS] [--runs N] [--paths NAME,...] [
 
 /// The `--paths` name of the control-plane section.
 const CONTROL_PLANE: &str = "control-plane";
+/// The `--paths` name of the masquerade section.
+const MASQUERADE: &str = "masquerade";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum PathKind {
@@ -159,6 +164,8 @@ struct Options {
     paths: Vec<PathKind>,
     /// Whether the control-plane section runs.
     control_plane: bool,
+    /// Whether the masquerade section runs.
+    masquerade: bool,
     cp: CpOptions,
     out: PathBuf,
     /// How long to keep the labs after measuring, for a look inside.
@@ -172,6 +179,7 @@ impl Options {
             runs: 3,
             paths: PathKind::ALL.to_vec(),
             control_plane: true,
+            masquerade: true,
             cp: CpOptions::default(),
             out: workspace_root().join("target/bench/bench.md"),
             hold: Duration::ZERO,
@@ -215,9 +223,10 @@ impl Options {
                     let names = value()?;
                     let names: Vec<&str> = names.split(',').map(str::trim).collect();
                     options.control_plane = names.contains(&CONTROL_PLANE);
+                    options.masquerade = names.contains(&MASQUERADE);
                     options.paths = names
                         .iter()
-                        .filter(|&&name| name != CONTROL_PLANE)
+                        .filter(|&&name| name != CONTROL_PLANE && name != MASQUERADE)
                         .map(|&name| {
                             PathKind::ALL
                                 .into_iter()
@@ -231,6 +240,12 @@ impl Options {
                 "--control-plane" => {
                     options.paths.clear();
                     options.control_plane = true;
+                    options.masquerade = false;
+                }
+                "--masquerade" => {
+                    options.paths.clear();
+                    options.control_plane = false;
+                    options.masquerade = true;
                 }
                 "--cp-nodes" => {
                     let nodes: usize = value()?
@@ -272,12 +287,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Each run's report starts empty; the sections append to it.
+    let _ = std::fs::remove_file(&options.out);
     let result = if options.paths.is_empty() {
         Ok(())
     } else {
         bench(&options)
     };
-    match result.and_then(|()| control_plane_bench(&options)) {
+    match result
+        .and_then(|()| masquerade_bench(&options))
+        .and_then(|()| control_plane_bench(&options))
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("weft-bench: {e:#}");
@@ -535,6 +555,48 @@ fn bench(options: &Options) -> Result<()> {
     Ok(())
 }
 
+/// The masquerade section (see `weft_tests::nat_bench`); appended to the report.
+fn masquerade_bench(options: &Options) -> Result<()> {
+    if !options.masquerade {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let machine = Machine::read();
+    let nat_options = nat_bench::NatBenchOptions {
+        seconds: options.seconds,
+        runs: options.runs,
+        parallel: 4,
+    };
+    println!("weft-bench: masquerade, a pod to the external host through each source NAT");
+    let (results, deltas) = nat_bench::run(&nat_options)?;
+    let where_ = format!(
+        "{}; {} ({} cores); kernel {}",
+        machine.date, machine.cpu, machine.cores, machine.kernel
+    );
+    let section = nat_bench::render(&where_, &nat_options, &results, &deltas);
+    println!("\n{section}");
+    append_section(&options.out, &section)?;
+    println!(
+        "weft-bench: masquerade section appended to {} ({:.0?})",
+        options.out.display(),
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// Appends `section` to the report at `out` (creating it).
+fn append_section(out: &Path, section: &str) -> Result<()> {
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut report = std::fs::read_to_string(out).unwrap_or_default();
+    if !report.is_empty() {
+        report.push('\n');
+    }
+    report.push_str(section);
+    std::fs::write(out, report).with_context(|| format!("writing {}", out.display()))
+}
+
 /// The control-plane section, on the BPF and the kernel dataplane; appended to the report.
 fn control_plane_bench(options: &Options) -> Result<()> {
     if !options.control_plane {
@@ -583,16 +645,7 @@ fn control_plane_bench(options: &Options) -> Result<()> {
     );
     let section = cp_bench::render(&where_, &options.cp, &results);
     println!("\n{section}");
-    if let Some(dir) = options.out.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let mut report = std::fs::read_to_string(&options.out).unwrap_or_default();
-    if !report.is_empty() {
-        report.push('\n');
-    }
-    report.push_str(&section);
-    std::fs::write(&options.out, report)
-        .with_context(|| format!("writing {}", options.out.display()))?;
+    append_section(&options.out, &section)?;
     println!(
         "weft-bench: control-plane section appended to {} ({:.0?})",
         options.out.display(),
@@ -660,22 +713,6 @@ fn workspace_root() -> &'static Path {
 
 fn gbit(report: &IperfReport) -> f64 {
     report.bits_per_second / 1e9
-}
-
-/// Median, minimum and maximum of `values` (not empty).
-fn summary(values: impl IntoIterator<Item = f64>) -> Option<(f64, f64, f64)> {
-    let mut values: Vec<f64> = values.into_iter().collect();
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    let median = if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    };
-    Some((median, values[0], values[n - 1]))
 }
 
 impl PathResults {
@@ -945,7 +982,11 @@ mod tests {
         );
         assert_eq!(o.cp.nodes, 300);
         let o = args("--control-plane").unwrap();
-        assert!(o.paths.is_empty() && o.control_plane);
+        assert!(o.paths.is_empty() && o.control_plane && !o.masquerade);
+        let o = args("--masquerade").unwrap();
+        assert!(o.paths.is_empty() && !o.control_plane && o.masquerade);
+        let o = args("--paths masquerade,bpf-vxlan").unwrap();
+        assert!(o.masquerade && !o.control_plane && o.paths == vec![PathKind::BpfVxlan]);
         assert!(args("--cp-nodes 0").is_err());
         assert!(args("--cp-nodes 20000").is_err());
         assert!(args("--runs 0").is_err());
