@@ -259,7 +259,7 @@ pub fn render(
     );
     let _ = writeln!(
         out,
-        "{where_}. A pod to the external host (198.51.100.1, on the fabric) through each          source NAT, on a 1-node BPF VXLAN lab each: iperf3 TCP {s} s, sockperf TCP          ping-pong {s} s, new TCP connections per second for {s} s ({p} client threads; each          connection sends a line, reads the answer and closes first); {r} run(s),          alternating order; medians.\n",
+        "{where_}. A pod to the external host (198.51.100.1, on the fabric) through each source NAT, on a 1-node BPF VXLAN lab each: iperf3 TCP {s} s, sockperf TCP ping-pong {s} s, new TCP connections per second for {s} s ({p} client threads; each connection sends a line, reads the answer and closes first); {r} run(s), alternating order; medians.\n",
         s = options.seconds,
         p = options.parallel,
         r = options.runs
