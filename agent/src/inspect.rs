@@ -185,6 +185,18 @@ pub struct ConfigView {
     pub stale_after_secs: Option<f64>,
     /// The refresh is older than `stale_after_secs`: every packet takes the kernel path.
     pub stale: bool,
+    /// BPF source NAT: its port range and the mappings beyond which new flows go to the
+    /// kernel's masquerade (None: the programs translate nothing).
+    pub source_nat: Option<SourceNat>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceNat {
+    pub port_min: u16,
+    pub port_max: u16,
+    pub limit: u32,
+    /// Mappings now (the programs' count, made exact by the agent's collector).
+    pub mappings: u64,
 }
 
 pub fn config(dir: &Path) -> Result<ConfigView> {
@@ -205,7 +217,20 @@ pub fn config(dir: &Path) -> Result<ConfigView> {
         refreshed_secs_ago: Duration::from_nanos(age_ns).as_secs_f64(),
         stale_after_secs: stale_after.map(|ns| Duration::from_nanos(ns).as_secs_f64()),
         stale: stale_after.is_some_and(|ns| age_ns > ns),
+        source_nat: (c.nat_flags & weft_common::NAT_ENABLED != 0).then(|| SourceNat {
+            port_min: c.nat_port_min,
+            port_max: c.nat_port_max,
+            limit: c.nat_limit,
+            mappings: nat_mappings(dir).unwrap_or(0),
+        }),
     })
+}
+
+/// The `nat_state` map's count of mappings.
+fn nat_mappings(dir: &Path) -> Result<u64> {
+    let map: Array<MapData, weft_common::NatState> =
+        open_pinned(dir, weft_common::MAP_NAT_STATE)?.try_into()?;
+    Ok(map.get(&0, 0)?.entries)
 }
 
 /// What the agent records about itself next to subnet.env when it starts, so that

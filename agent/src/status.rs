@@ -164,7 +164,7 @@ fn config_lines(c: &ConfigView) -> String {
         .clone()
         .unwrap_or_else(|| format!("#{}", c.uplink_ifindex));
     format!(
-        "fast path:   {}\nVNI:         {} (UDP port {})\nnode IP:     {} on {uplink}\ninner MTU:   {}\nVTEP MAC:    {}\nleases:      {}\n",
+        "fast path:   {}\nVNI:         {} (UDP port {})\nnode IP:     {} on {uplink}\ninner MTU:   {}\nVTEP MAC:    {}\nleases:      {}\nsource NAT:  {}\n",
         fast_path_line(c),
         c.vni,
         c.vxlan_port,
@@ -175,6 +175,13 @@ fn config_lines(c: &ConfigView) -> String {
             "all in the map"
         } else {
             "some did not fit in the map: those peers take the kernel path"
+        },
+        match &c.source_nat {
+            Some(n) => format!(
+                "on, ports {}-{}, {} mappings (limit {})",
+                n.port_min, n.port_max, n.mappings, n.limit
+            ),
+            None => "off (the firewall masquerades, if --ip-masq)".to_string(),
         },
     )
 }
@@ -341,6 +348,16 @@ pub fn status(args: &StatusArgs) -> Result<StatusReport> {
         if c.stale || !c.fast_path_on {
             problems.push(format!("fast path {}", fast_path_line(c)));
         }
+        if let Some(nat) = c
+            .source_nat
+            .as_ref()
+            .filter(|n| n.mappings >= u64::from(n.limit))
+        {
+            problems.push(format!(
+                "the BPF source NAT table holds {} mappings, its limit: new flows go to the kernel's masquerade (nat_fallback); raise --masquerade-table-size",
+                nat.mappings
+            ));
+        }
         if !c.leases_complete {
             problems.push("some leases did not fit in the BPF leases map: those peers take the kernel path (weft_bpf_overflow on /metrics)".into());
         }
@@ -485,6 +502,12 @@ impl StatusReport {
         }
         if let Some(c) = &d.fast_path {
             out.push_str(&format!("Fast path:   {}\n", fast_path_line(c)));
+            if let Some(nat) = &c.source_nat {
+                out.push_str(&format!(
+                    "Source NAT:  BPF, {} mappings (new flows to the kernel's masquerade from {}), ports {}-{}\n",
+                    nat.mappings, nat.limit, nat.port_min, nat.port_max
+                ));
+            }
         }
         match &self.lease {
             Some(l) => out.push_str(&format!(

@@ -165,6 +165,19 @@ fn translates_tcp_udp_and_icmp_and_leaks_no_pod_address(backend: Backend) {
                 .starts_with(&format!("{}:", lab.node_ip(node)))),
         "{rows:#?}"
     );
+    // `weft status` shows the source NAT and its mappings.
+    let weft = lab.binary("weft").unwrap().to_string_lossy().into_owned();
+    let subnet_file = lab.node(node).subnet_file.to_string_lossy().into_owned();
+    let status = Cmd::new([weft.as_str(), "status", "--subnet-file", &subnet_file])
+        .netns(lab.node_ns(node))
+        .run()
+        .unwrap();
+    assert!(
+        status.lines().any(|l| l.starts_with("Source NAT:  BPF, ")
+            && l.ends_with("ports 61000-65535")
+            && !l.contains(" 0 mappings")),
+        "{status}"
+    );
     // Pod to pod keeps pod addresses (across nodes).
     let other = &pods[1];
     let source = lab

@@ -168,7 +168,7 @@ fn status_and_bpf_maps_read_the_node_while_the_agent_runs_and_after_it_stopped()
     );
     let config = weft(&lab, bpf_node, "bpf config", &["--bpf-dir", &bpf_dir]);
     assert!(
-        config.contains("VNI:         1 (UDP port 8472)"),
+        config.contains("VNI:         1 (UDP port 8472)") && config.contains("source NAT:  off"),
         "{config}"
     );
 
