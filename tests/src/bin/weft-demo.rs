@@ -2,7 +2,8 @@
 //! `weft agent` per node run as users run it (`--dataplane=auto`), two pods per node,
 //! kube-proxy's rules for a Service; prints the lease table, the dataplane each node chose,
 //! the pod-to-pod ping matrix with the fast-path counters that carried it, and a call to
-//! the Service from a pod on another node than its backend. Removes everything, and exits
+//! the Service from a pod on another node than its backend, and a call to a host outside the
+//! cluster (`--ip-masq`: the BPF source NAT where it runs). Removes everything, and exits
 //! non-zero if anything failed.
 //! Run as root after `cargo build -p weft --bins` (or with WEFT_BIN_DIR set).
 
@@ -15,7 +16,7 @@ use anyhow::Result;
 use weft_common::Counter;
 use weft_tests::echo::{self, EchoServer};
 use weft_tests::kube_proxy::{Protocol, ProxyMode, Service};
-use weft_tests::{Backend, Dataplane, Lab, LabConfig};
+use weft_tests::{Backend, Dataplane, Lab, LabConfig, EXTERNAL_HOST};
 
 /// The demo's Service: a ClusterIP whose one endpoint is the first pod of node 2.
 const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -153,6 +154,32 @@ fn demo() -> Result<bool> {
             "  answered from {target}; the backend saw the client as {}",
             reply.seen_by_server
         ),
+        Err(e) => {
+            ok = false;
+            println!("  no answer: {e:#}");
+        }
+    }
+    // Leaving the cluster: --ip-masq, done by the BPF programs where they run.
+    let outside = SocketAddrV4::new(EXTERNAL_HOST, SERVICE_PORT);
+    let _external = EchoServer::start(lab.fabric_ns(), outside, Protocol::Tcp)?;
+    let before = lab.bpf_counters(client.node).ok();
+    println!(
+        "\nTo the outside: {} (n{}, {}) → {outside} (a host on the underlay), with --ip-masq:",
+        client.name, client.node, client.ip
+    );
+    match echo::call(&client.ns, outside, Protocol::Tcp, Duration::from_secs(5)) {
+        Ok(reply) => {
+            let by = match (before, lab.bpf_counters(client.node).ok()) {
+                (Some(before), Some(after)) if after.since(&before).get(Counter::NatOut) > 0 => {
+                    "weft's BPF source NAT"
+                }
+                _ => "the firewall's masquerade rule",
+            };
+            println!(
+                "  answered; the host saw the pod as {} (translated by {by})",
+                reply.seen_by_server
+            );
+        }
         Err(e) => {
             ok = false;
             println!("  no answer: {e:#}");
