@@ -17,9 +17,17 @@
 //! Checksums are updated incrementally by the kernel's helpers (pseudo header included),
 //! which keeps CHECKSUM_PARTIAL (GSO) and CHECKSUM_COMPLETE packets right.
 
+use core::{ffi::c_void, mem::size_of};
+
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC},
-    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    bindings::{
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        BPF_F_CURRENT_NETNS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_UNSPEC,
+    },
+    helpers::generated::{
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_skc_lookup_tcp,
+    },
     programs::TcContext,
 };
 use weft_common::{
@@ -159,7 +167,7 @@ pub fn snat(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr) -> Option<i32>
         // only a connection's first packet: the answers of a pod's server to a client
         // that reached it unmasqueraded keep the pod's address.
         None if !enabled || !opens_flow(ctx, ip, l4_off) => return None,
-        None => match allocate(cfg, &key, now) {
+        None => match allocate(ctx, cfg, &key, now) {
             Some(mapping) => mapping,
             None => return Some(drop(Counter::NatAllocFailed)),
         },
@@ -244,9 +252,10 @@ unsafe fn touch(entry: *mut NatEntry, now: u64, close: bool) {
 }
 
 /// A new mapping for `key`: the uplink's address and the first free port of a few tried
-/// from a random start (or the one another CPU just made for the same flow).
+/// from a random start (or the one another CPU just made for the same flow). A port the
+/// node's own sockets hold toward that destination (or listen or are bound on) is skipped.
 #[inline(always)]
-fn allocate(cfg: &DataplaneConfig, key: &NatKey, now: u64) -> Option<NatEntry> {
+fn allocate(ctx: &TcContext, cfg: &DataplaneConfig, key: &NatKey, now: u64) -> Option<NatEntry> {
     let min = u32::from(cfg.nat_port_min);
     let max = u32::from(cfg.nat_port_max);
     if min == 0 || max < min {
@@ -270,6 +279,10 @@ fn allocate(cfg: &DataplaneConfig, key: &NatKey, now: u64) -> Option<NatEntry> {
             key.dst_port
         };
         let reverse_key = NatKey::new(key.protocol, key.dst_ip, reply_src, cfg.node_ip, port);
+        if host_socket(ctx, &reverse_key, false) {
+            i += 1;
+            continue;
+        }
         let out = NatEntry {
             addr: cfg.node_ip,
             port,
@@ -361,6 +374,48 @@ fn take_over_finished(
         return None;
     }
     maps::nat_take_over(&old_key, key, out, reverse_key, back)
+}
+
+/// TCP's LISTEN state as `struct bpf_sock` reports it.
+const BPF_TCP_LISTEN: u32 = 10;
+
+/// Whether the node has a socket for packets of `key` (a reply's key: outside → node):
+/// with `connected`, a TCP connection or a connected UDP socket; else also a TCP listener
+/// or a bound UDP socket on the port. ICMP has no sockets to ask.
+#[inline(always)]
+fn host_socket(ctx: &TcContext, key: &NatKey, connected: bool) -> bool {
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: u32::from_ne_bytes(key.src_ip),
+                daddr: u32::from_ne_bytes(key.dst_ip),
+                sport: u16::from_ne_bytes(key.src_port),
+                dport: u16::from_ne_bytes(key.dst_port),
+            },
+        },
+    };
+    let size = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    let skb = ctx.skb.skb.cast::<c_void>();
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    // SAFETY: helper calls with this program's own context and a tuple on the stack; the
+    // socket they return is read, then released on every path.
+    unsafe {
+        let sk = match key.protocol {
+            IPPROTO_TCP => bpf_skc_lookup_tcp(skb, &mut tuple, size, netns, 0),
+            IPPROTO_UDP => bpf_sk_lookup_udp(skb, &mut tuple, size, netns, 0),
+            _ => return false,
+        };
+        if sk.is_null() {
+            return false;
+        }
+        let held = match key.protocol {
+            _ if !connected => true,
+            IPPROTO_TCP => (*sk).state != BPF_TCP_LISTEN,
+            _ => (*sk).dst_port != 0,
+        };
+        bpf_sk_release(sk.cast());
+        held
+    }
 }
 
 /// Which port field a rewrite changes.
@@ -468,6 +523,10 @@ pub fn reverse(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr) -> Option<i
     }
     let key = NatKey::new(ip.protocol, ip.saddr, sport, ip.daddr, dport);
     let entry = maps::nat_reverse(&key)?;
+    // A connection of the node's own on that port (made after the mapping) is the node's.
+    if host_socket(ctx, &key, true) {
+        return None;
+    }
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: a non-null lookup result points at the map's value.

@@ -477,3 +477,51 @@ fn port_unreachable_reaches_the_pods_socket() {
     let grew = lab.bpf_counters(1).unwrap().since(&before);
     assert!(grew.get(Counter::NatIn) >= 1, "{grew:?}");
 }
+
+/// The node's own sockets keep their ports: a port a node socket holds toward the
+/// destination is never given to a pod's flow, and replies to a node connection on a port
+/// a pod's mapping also names go to the node.
+#[test]
+fn ports_the_nodes_sockets_hold_are_left_to_them() {
+    let mut lab = nat_lab(Backend::Vxlan, &["--masquerade-ports=61000-61003"]);
+    let pods = lab.add_pods(1).unwrap();
+    ready(&lab, &pods);
+    let udp = server(&lab, Protocol::Udp, EXTERNAL_HOST, 9500);
+    let dst = udp.addr;
+    // Node sockets on three of the four NAT ports, connected to the destination.
+    let held: Vec<std::net::UdpSocket> = weft_tests::icmp::in_netns(lab.node_ns(1), move || {
+        (61000..61003)
+            .map(|port| {
+                let socket = std::net::UdpSocket::bind(("0.0.0.0", port))?;
+                socket.connect(dst)?;
+                Ok(socket)
+            })
+            .collect()
+    })
+    .unwrap();
+    let reply = call(&pods[0].ns, dst, Protocol::Udp, WAIT).unwrap();
+    assert_eq!(
+        reply.seen_by_server,
+        SocketAddrV4::new(lab.node_ip(1), 61003),
+        "the pod got a port a node socket holds"
+    );
+    // Each node socket still gets its own answers.
+    for socket in &held {
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        socket.send(b"node\n").unwrap();
+        let mut buf = [0u8; 64];
+        let n = socket.recv(&mut buf).expect("the node socket's answer");
+        let port = socket.local_addr().unwrap().port();
+        assert_eq!(
+            String::from_utf8_lossy(&buf[..n]).trim(),
+            format!("seen {}:{port}", lab.node_ip(1))
+        );
+    }
+    drop(held);
+    // A node connection made later on the pod's port: its answers are the node's.
+    let node = weft_tests::echo::call_from_port(lab.node_ns(1), 61003, dst, Protocol::Udp, WAIT)
+        .expect("the node's socket on the pod's NAT port gets its answer");
+    assert_eq!(node.seen_by_server.port(), 61003);
+}
