@@ -508,6 +508,7 @@ fn nat_settings(args: &AgentArgs) -> Result<Option<NatSettings>> {
             ports,
             table_size: args.masquerade_table_size,
             exclude: args.masquerade_exclude.clone(),
+            fast_path: args.masquerade_fast_path,
         });
     match settings {
         Ok(settings) => Ok(Some(settings)),

@@ -205,6 +205,10 @@ pub struct DataplaneConfig {
 /// `DataplaneConfig::nat_flags`: pod traffic leaving the cluster is source-NATed by the
 /// programs (`--masquerade bpf`).
 pub const NAT_ENABLED: u32 = 1;
+/// `DataplaneConfig::nat_flags`: a translated flow's later packets skip the node's stack:
+/// translated and sent from the pod's veth, replies delivered into the pod
+/// (`--masquerade-fast-path`, experimental).
+pub const NAT_FAST: u32 = 2;
 
 /// A flow as the NAT maps key it: for `nat`, the pod's packet (pod → outside); for
 /// `nat_reverse`, its replies (outside → the node's address and allocated port). Ports
@@ -258,6 +262,10 @@ pub struct NatEntry {
 pub const NAT_SEEN_REPLY: u8 = 1;
 /// `NatEntry::state`: a TCP FIN or RST passed.
 pub const NAT_SEEN_CLOSE: u8 = 2;
+/// `NatEntry::state` of `nat_reverse`: `from_pod` found the mapping under the packet as the
+/// pod sent it, so the stack did not rewrite the flow (no Service DNAT): its replies may
+/// skip the stack (`--masquerade-fast-path`).
+pub const NAT_FAST_OK: u8 = 4;
 
 /// The programs' NAT bookkeeping, entry 0 of `nat_state`.
 #[repr(C)]
@@ -382,11 +390,16 @@ pub enum Counter {
     /// Pod packets left to the kernel's masquerade because the NAT table was near full
     /// or the agent gone (from_pod).
     NatFallback = 19,
+    /// Pod packets of a translated flow translated and sent from the pod's veth (from_pod,
+    /// `--masquerade-fast-path`).
+    NatFastOut = 20,
+    /// Replies of a translated flow delivered straight into the pod (from_netdev).
+    NatFastIn = 21,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 20] = [
+    pub const ALL: [Counter; 22] = [
         Counter::Encap,
         Counter::DirectOut,
         Counter::Decap,
@@ -407,6 +420,8 @@ impl Counter {
         Counter::NatAlloc,
         Counter::NatAllocFailed,
         Counter::NatFallback,
+        Counter::NatFastOut,
+        Counter::NatFastIn,
     ];
 
     /// The slot of this counter in the `counters` map.
@@ -437,6 +452,8 @@ impl Counter {
             Counter::NatAlloc => "nat_alloc",
             Counter::NatAllocFailed => "nat_alloc_failed",
             Counter::NatFallback => "nat_fallback",
+            Counter::NatFastOut => "nat_fast_out",
+            Counter::NatFastIn => "nat_fast_in",
         }
     }
 }

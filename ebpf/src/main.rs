@@ -72,6 +72,10 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         return pass();
     }
     let Some(lease) = maps::lease(ip.daddr) else {
+        // Leaving the cluster: a translated flow may skip the stack (--masquerade-fast-path).
+        if let Some(verdict) = nat::fast_out(&ctx, &cfg, &ip) {
+            return verdict;
+        }
         return pass();
     };
     // The kernel answers TTL expiry with ICMP time-exceeded.
@@ -164,7 +168,7 @@ fn to_route(ctx: &TcContext, cfg: &DataplaneConfig, mut ip: Ipv4Hdr) -> i32 {
 /// Redirects a pod packet to the uplink, marked so that `to_netdev` knows it for the fast
 /// path's and not the stack's.
 #[inline(always)]
-fn to_uplink(ctx: &TcContext, next: &route::Nexthop) -> i64 {
+pub(crate) fn to_uplink(ctx: &TcContext, next: &route::Nexthop) -> i64 {
     // SAFETY: reading a field of this program's own context.
     let mark = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark(mark | FAST_PATH_MARK);
@@ -207,7 +211,7 @@ pub fn from_netdev(ctx: TcContext) -> i32 {
 /// maps may be stale (a new node not yet a peer, say), and the kernel path, which needs no
 /// agent to decapsulate, takes everything.
 #[inline(always)]
-fn agent_gone(cfg: &DataplaneConfig) -> bool {
+pub(crate) fn agent_gone(cfg: &DataplaneConfig) -> bool {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     cfg.stale_after_ns != 0 && now.wrapping_sub(cfg.refreshed_ns) > cfg.stale_after_ns
@@ -400,7 +404,7 @@ fn stack_verdict(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize) -> Option<i32> {
 /// `bpf_redirect_peer` switches to the pod's namespace and enters its
 /// ingress directly, skipping the host's backlog queue.
 #[inline(always)]
-fn deliver(ifindex: u32) -> i64 {
+pub(crate) fn deliver(ifindex: u32) -> i64 {
     // SAFETY: a helper call with plain integer arguments.
     unsafe { bpf_redirect_peer(ifindex, 0) }
 }

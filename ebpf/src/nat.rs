@@ -31,14 +31,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_common::{
-    Counter, DataplaneConfig, NatEntry, NatKey, NAT_ENABLED, NAT_MARK, NAT_SEEN_CLOSE,
-    NAT_SEEN_REPLY,
+    Counter, DataplaneConfig, NatEntry, NatKey, CONFIG_FAST_PATH_OFF, NAT_ENABLED, NAT_FAST,
+    NAT_FAST_OK, NAT_MARK, NAT_SEEN_CLOSE, NAT_SEEN_REPLY,
 };
 
 use crate::{
-    counters::{count, drop},
-    maps,
+    counters::{count, drop, redirected},
+    csum, maps,
     parse::{read, Ipv4Hdr, ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP},
+    route::{self, Macs},
 };
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -482,6 +483,134 @@ fn rewrite(
         .map_err(|_| ())
 }
 
+/// `from_pod`, `--masquerade-fast-path`: a later packet of a translated flow, translated
+/// and sent to the uplink from here. Only flows that have a mapping qualify, and the
+/// mapping is keyed by the packet as it left the stack: a flow the stack rewrote (a
+/// Service's DNAT) does not match it here and keeps taking the stack.
+#[inline(always)]
+pub fn fast_out(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr) -> Option<i32> {
+    let both = NAT_ENABLED | NAT_FAST;
+    if cfg.nat_flags & both != both || ip.ttl <= 1 || ip.is_fragment() {
+        return None;
+    }
+    if !in_network(cfg, ip.saddr) || !leaves_cluster(cfg, ip.daddr) {
+        return None;
+    }
+    // SAFETY: reading a field of this program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if maps::endpoint(ip.saddr).is_none_or(|e| e.ifindex != ifindex) {
+        return None;
+    }
+    let l4_off = ETH_HLEN + ip.header_len();
+    let (sport, dport) = ports(ctx, ip, l4_off)?;
+    let key = NatKey::new(ip.protocol, ip.saddr, sport, ip.daddr, dport);
+    let entry = maps::nat(&key)?;
+    let next = route::lookup(ctx, cfg.node_ip, ip.daddr, cfg.uplink_ifindex)?;
+    // SAFETY: a helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a non-null lookup result points at the map's value.
+    let mapping = unsafe {
+        touch(entry, now, closing(ctx, ip, l4_off));
+        *entry
+    };
+    // Found under the packet as the pod sent it: the stack did not rewrite this flow, so
+    // its replies may skip the stack too.
+    let reply_src = if key.protocol == IPPROTO_ICMP {
+        mapping.port
+    } else {
+        key.dst_port
+    };
+    let reverse_key = NatKey::new(
+        key.protocol,
+        key.dst_ip,
+        reply_src,
+        mapping.addr,
+        mapping.port,
+    );
+    if let Some(back) = maps::nat_reverse(&reverse_key) {
+        // SAFETY: as above.
+        unsafe {
+            if (*back).state & NAT_FAST_OK == 0 {
+                (*back).state |= NAT_FAST_OK;
+            }
+        }
+    }
+    let (new, port) = (mapping.addr, (sport, mapping.port));
+    if !forward_translated(ctx, ip, next.macs, l4_off, PortAt::Source, new, port)? {
+        return Some(drop(Counter::DropHelperFailed));
+    }
+    Some(redirected(
+        Counter::NatFastOut,
+        crate::to_uplink(ctx, &next),
+    ))
+}
+
+/// `from_netdev`, `--masquerade-fast-path`: a reply of a translated flow, translated and
+/// delivered straight into its pod.
+#[inline(always)]
+fn fast_in(
+    ctx: &TcContext,
+    cfg: &DataplaneConfig,
+    ip: &Ipv4Hdr,
+    l4_off: usize,
+    dport: [u8; 2],
+    pod: &NatEntry,
+) -> Option<i32> {
+    if cfg.nat_flags & NAT_FAST == 0
+        || pod.state & NAT_FAST_OK == 0
+        || cfg.flags & CONFIG_FAST_PATH_OFF != 0
+        || crate::agent_gone(cfg)
+        || ip.ttl <= 1
+    {
+        return None;
+    }
+    let endpoint = maps::endpoint(pod.addr)?;
+    let macs = Macs {
+        src: endpoint.host_mac,
+        dst: endpoint.pod_mac,
+    };
+    let port = (dport, pod.port);
+    if !forward_translated(
+        ctx,
+        ip,
+        Some(macs),
+        l4_off,
+        PortAt::Destination,
+        pod.addr,
+        port,
+    )? {
+        return Some(drop(Counter::DropHelperFailed));
+    }
+    Some(redirected(
+        Counter::NatFastIn,
+        crate::deliver(endpoint.ifindex),
+    ))
+}
+
+/// Forwards and translates in place: the header with its TTL decremented and the new MACs
+/// first (one store; if it fails nothing changed: `None`), then the source (`at` Source)
+/// or destination address becomes `new` and its port `port.0` becomes `port.1`.
+/// `Some(false)` when a helper failed midway.
+#[inline(always)]
+fn forward_translated(
+    ctx: &TcContext,
+    ip: &Ipv4Hdr,
+    macs: Option<Macs>,
+    l4_off: usize,
+    at: PortAt,
+    new: [u8; 4],
+    port: ([u8; 2], [u8; 2]),
+) -> Option<bool> {
+    let mut forwarded = *ip;
+    csum::dec_ttl(&mut forwarded);
+    route::rewrite(ctx, macs, &forwarded).ok()?;
+    let (addr_off, old) = match at {
+        PortAt::Source => (IP_SADDR, ip.saddr),
+        PortAt::Destination => (IP_DADDR, ip.daddr),
+    };
+    Some(rewrite(ctx, ip, l4_off, addr_off, old, new, port.0, port.1, at).is_ok())
+}
+
 /// Rewrites only the source address (packets without ports).
 #[inline(always)]
 fn rewrite_saddr(ctx: &TcContext, ip: &Ipv4Hdr, new_addr: [u8; 4]) -> Result<(), ()> {
@@ -537,6 +666,9 @@ pub fn reverse(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr) -> Option<i
         }
         *entry
     };
+    if let Some(verdict) = fast_in(ctx, cfg, ip, l4_off, dport, &pod) {
+        return Some(verdict);
+    }
     Some(verdict(
         rewrite(
             ctx,

@@ -131,6 +131,19 @@ fn kubernetes_traffic_on_bpf_vxlan_with_iptables_kube_proxy() {
     );
 }
 
+/// The same matrix with `--masquerade-fast-path` on node 1 (its pods' flows to the outside
+/// skip the stack once the stack has seen them).
+#[test]
+fn kubernetes_traffic_on_bpf_vxlan_with_the_masquerade_fast_path() {
+    let mut config = config(Backend::Vxlan, Dataplane::Bpf, false);
+    config
+        .node_agent_args
+        .get_mut(&1)
+        .unwrap()
+        .push("--masquerade-fast-path".to_string());
+    matrix(config, ProxyMode::Iptables);
+}
+
 #[test]
 fn kubernetes_traffic_on_bpf_vxlan_with_nftables_kube_proxy() {
     matrix(

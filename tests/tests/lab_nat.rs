@@ -525,3 +525,67 @@ fn ports_the_nodes_sockets_hold_are_left_to_them() {
         .expect("the node's socket on the pod's NAT port gets its answer");
     assert_eq!(node.seen_by_server.port(), 61003);
 }
+
+/// `--masquerade-fast-path`: after a flow's first packets crossed the stack, its later
+/// packets are translated at the pod's veth and its replies delivered straight into the
+/// pod; a Service to an outside endpoint (DNATed by the stack) keeps taking the stack.
+#[test]
+fn with_the_fast_path_a_flows_later_packets_skip_the_stack() {
+    let mut lab = nat_lab(Backend::Vxlan, &["--masquerade-fast-path"]);
+    let pods = lab.add_pods(1).unwrap();
+    ready(&lab, &pods);
+    let pod = &pods[0];
+    let tcp = server(&lab, Protocol::Tcp, EXTERNAL_HOST, 9600);
+    let before = lab.bpf_counters(1).unwrap();
+    let exchanged = weft_tests::echo::converse(
+        &pod.ns,
+        tcp.addr,
+        40,
+        Duration::ZERO,
+        Duration::from_secs(20),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
+    assert_eq!(exchanged, 40);
+    let grew = lab.bpf_counters(1).unwrap().since(&before);
+    assert!(
+        grew.get(Counter::NatFastOut) >= 30 && grew.get(Counter::NatFastIn) >= 30,
+        "the conversation skipped the stack: {grew:?}"
+    );
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let udp = server(&lab, Protocol::Udp, EXTERNAL_HOST, 9601);
+        let dst = if protocol == Protocol::Tcp {
+            tcp.addr
+        } else {
+            udp.addr
+        };
+        let reply = call(&pod.ns, dst, protocol, WAIT).unwrap();
+        assert_eq!(*reply.seen_by_server.ip(), lab.node_ip(1));
+    }
+    assert!(lab.ping(pod, EXTERNAL_HOST));
+    // Through a Service: answered (the stack un-DNATs the replies), never fast.
+    let cluster_ip = Ipv4Addr::new(10, 96, 0, 11);
+    let service = Service::cluster_ip("outside", cluster_ip, 80, Protocol::Tcp).endpoint(
+        EXTERNAL_HOST,
+        0,
+        9600,
+    );
+    lab.install_kube_proxy(ProxyMode::Iptables, &[service])
+        .unwrap();
+    let before = lab.bpf_counters(1).unwrap();
+    let exchanged = weft_tests::echo::converse(
+        &pod.ns,
+        SocketAddrV4::new(cluster_ip, 80),
+        20,
+        Duration::ZERO,
+        Duration::from_secs(20),
+    )
+    .unwrap_or_else(|e| panic!("pod → Service → outside with the fast path: {e:#}"));
+    assert_eq!(exchanged, 20);
+    let grew = lab.bpf_counters(1).unwrap().since(&before);
+    assert_eq!(
+        (grew.get(Counter::NatFastOut), grew.get(Counter::NatFastIn)),
+        (0, 0),
+        "{grew:?}"
+    );
+    assert!(grew.get(Counter::NatOut) >= 20, "{grew:?}");
+}

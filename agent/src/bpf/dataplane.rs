@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use weft_common::{
     DataplaneConfig, EndpointEntry, EndpointKey, LeaseEntry, PeerEntry, PeerKey,
     CONFIG_FAST_PATH_OFF, CONFIG_LEASES_INCOMPLETE, LEASE_DIRECT, LEASE_VXLAN, MAP_CONFIG,
-    MAP_ENDPOINTS, MAP_LEASES, MAP_NAT_EXCLUDE, MAP_PEERS, NAT_ENABLED, PROG_FROM_NETDEV,
+    MAP_ENDPOINTS, MAP_LEASES, MAP_NAT_EXCLUDE, MAP_PEERS, NAT_ENABLED, NAT_FAST, PROG_FROM_NETDEV,
     PROG_TO_NETDEV,
 };
 
@@ -167,10 +167,10 @@ impl BpfDataplane {
             stale_after_ns: self.options.stale_after.as_nanos() as u64,
             network: self.network.network().octets(),
             network_mask: self.network.mask().octets(),
-            nat_flags: if self.options.nat.is_some() {
-                NAT_ENABLED
-            } else {
-                0
+            nat_flags: match &self.options.nat {
+                Some(n) if n.fast_path => NAT_ENABLED | NAT_FAST,
+                Some(_) => NAT_ENABLED,
+                None => 0,
             },
             nat_limit: self.options.nat.as_ref().map_or(0, |n| n.limit()),
             nat_port_min: self.options.nat.as_ref().map_or(0, |n| n.ports.0),

@@ -30,6 +30,8 @@ pub struct NatSettings {
     pub table_size: u32,
     /// Destinations that keep pod addresses (`--masquerade-exclude`).
     pub exclude: Vec<Ipv4Network>,
+    /// `--masquerade-fast-path`.
+    pub fast_path: bool,
 }
 
 impl NatSettings {

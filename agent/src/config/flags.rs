@@ -165,6 +165,12 @@ pub struct AgentArgs {
           value_parser = clap::value_parser!(u32).range(8..=4_194_304))]
     pub masquerade_table_size: u32,
 
+    /// Experimental: once a flow has its BPF source NAT mapping (made after its first
+    /// packet crossed the node's stack), its later packets skip the stack: translated and
+    /// sent from the pod's veth, replies delivered straight into the pod.
+    #[arg(long, env = "WEFT_MASQUERADE_FAST_PATH")]
+    pub masquerade_fast_path: bool,
+
     /// Ports the BPF source NAT allocates, e.g. 61000-65535 (default: the ports above the
     /// node's net.ipv4.ip_local_port_range, which its own connections use).
     #[arg(long, env = "WEFT_MASQUERADE_PORTS")]
