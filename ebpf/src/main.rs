@@ -62,12 +62,13 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let Some(cfg) = maps::config() else {
         return pass();
     };
-    if agent_gone(&cfg) {
-        return pass_as(Counter::AgentGone);
-    }
     // Whether this packet's source NAT, should it leave the cluster, is ours or the
     // kernel's masquerade's.
-    nat::mark_from_pod(&ctx, &cfg, &ip);
+    let gone = agent_gone(&cfg);
+    nat::mark_from_pod(&ctx, &cfg, &ip, gone);
+    if gone {
+        return pass_as(Counter::AgentGone);
+    }
     if cfg.flags & CONFIG_FAST_PATH_OFF != 0 {
         return pass();
     }

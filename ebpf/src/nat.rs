@@ -88,9 +88,12 @@ fn leaves_cluster(cfg: &DataplaneConfig, daddr: [u8; 4]) -> bool {
 }
 
 /// `from_pod`: marks a pod packet whose source NAT these programs will do, or counts it
-/// as left to the kernel's masquerade when the table is near full.
+/// as left to the kernel's masquerade when the table is near full. A packet of a flow that
+/// has a mapping is always marked, also with the agent gone (`agent_gone`): should the
+/// node's conntrack take the flow for a new one (its entry expired while the fast path
+/// carried it), the masquerade rule must not give it another port.
 #[inline(always)]
-pub fn mark_from_pod(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr) {
+pub fn mark_from_pod(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr, agent_gone: bool) {
     if cfg.nat_flags & NAT_ENABLED == 0 || ip.is_fragment() || !in_network(cfg, ip.saddr) {
         return;
     }
@@ -99,17 +102,26 @@ pub fn mark_from_pod(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr) {
     if in_network(cfg, ip.daddr) {
         return;
     }
+    let l4_off = ETH_HLEN + ip.header_len();
     let translatable = match ip.protocol {
         IPPROTO_TCP | IPPROTO_UDP => true,
-        IPPROTO_ICMP => icmp_type(ctx, ETH_HLEN + ip.header_len()) == Some(ICMP_ECHO_REQUEST),
+        IPPROTO_ICMP => icmp_type(ctx, l4_off) == Some(ICMP_ECHO_REQUEST),
         _ => false,
     };
     if !translatable {
         return;
     }
-    if maps::nat_entries() >= u64::from(cfg.nat_limit) {
-        count(Counter::NatFallback);
-        return;
+    let mapped = ports(ctx, ip, l4_off).is_some_and(|(sport, dport)| {
+        maps::nat(&NatKey::new(ip.protocol, ip.saddr, sport, ip.daddr, dport)).is_some()
+    });
+    if !mapped {
+        if agent_gone {
+            return;
+        }
+        if maps::nat_entries() >= u64::from(cfg.nat_limit) {
+            count(Counter::NatFallback);
+            return;
+        }
     }
     // SAFETY: reading a field of this program's own context.
     let mark = unsafe { (*ctx.skb.skb).mark };

@@ -589,3 +589,46 @@ fn with_the_fast_path_a_flows_later_packets_skip_the_stack() {
     );
     assert!(grew.get(Counter::NatOut) >= 20, "{grew:?}");
 }
+
+/// A flow on the NAT fast path when the agent dies: after `--bpf-stale-after` (60 s) its
+/// packets go back through the node's stack, which had seen only its first packets; with
+/// kube-proxy's rules (which drop conntrack-invalid packets) the conversation goes on,
+/// every line answered, through the same NAT port.
+#[test]
+fn a_fast_path_flow_survives_the_agent_going_away() {
+    let mut lab = nat_lab(Backend::Vxlan, &["--masquerade-fast-path"]);
+    let pods = lab.add_pods(1).unwrap();
+    ready(&lab, &pods);
+    // kube-proxy's rules: KUBE-FORWARD drops what conntrack judges invalid.
+    let service = Service::cluster_ip("unrelated", Ipv4Addr::new(10, 96, 0, 12), 80, Protocol::Tcp)
+        .endpoint(pods[1].ip, 2, 80);
+    lab.install_kube_proxy(ProxyMode::Iptables, &[service])
+        .unwrap();
+    let tcp = server(&lab, Protocol::Tcp, EXTERNAL_HOST, 9700);
+    let (ns, dst) = (pods[0].ns.clone(), tcp.addr);
+    // 75 s of conversation, a line every 500 ms.
+    let conversation = std::thread::spawn(move || {
+        weft_tests::echo::converse(
+            &ns,
+            dst,
+            150,
+            Duration::from_millis(500),
+            Duration::from_secs(100),
+        )
+    });
+    wait_until("the conversation on the fast path", WAIT, || {
+        Ok(lab.bpf_counters(1)?.get(Counter::NatFastOut) > 0)
+    })
+    .unwrap();
+    lab.kill_agent(1);
+    let exchanged = conversation
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(exchanged, 150);
+    let counters = lab.bpf_counters(1).unwrap();
+    assert!(
+        counters.get(Counter::AgentGone) > 0,
+        "the fallback never came: {counters}"
+    );
+}
