@@ -429,16 +429,10 @@ pub fn status(args: &StatusArgs) -> Result<StatusReport> {
 async fn weft_routes() -> Result<Vec<(String, String)>> {
     let (connection, handle, _) = rtnetlink::new_connection().context("opening netlink")?;
     let task = tokio::spawn(connection);
-    let routes = nl::routes(&handle).await;
+    let dumps = (nl::routes(&handle).await, nl::links(&handle).await);
     task.abort();
-    let links = {
-        let (connection, handle, _) = rtnetlink::new_connection().context("opening netlink")?;
-        let task = tokio::spawn(connection);
-        let links = nl::links(&handle).await;
-        task.abort();
-        links?
-    };
-    Ok(routes?
+    let (routes, links) = (dumps.0?, dumps.1?);
+    Ok(routes
         .into_iter()
         .filter(|r| r.is_weft())
         .map(|r| {

@@ -86,34 +86,31 @@ impl<K, V, const T: usize, const M: usize, const F: usize, const P: usize>
         (!value.is_null()).then_some(value.cast())
     }
 
-    /// Stores `value` under `key` unless the key is there already; true if it was stored.
+    /// Stores `value` under `key` with update `flags`; true if it was stored.
     #[inline(always)]
-    fn insert_new(&self, key: &K, value: &V) -> bool {
+    fn update(&self, key: &K, value: &V, flags: u64) -> bool {
         // SAFETY: `self` is a map the loader relocated; key and value have its types.
         let ret = unsafe {
             bpf_map_update_elem(
                 ptr::from_ref(self).cast_mut().cast::<c_void>(),
                 ptr::from_ref(key).cast(),
                 ptr::from_ref(value).cast(),
-                BPF_NOEXIST.into(),
+                flags,
             )
         };
         ret == 0
     }
 
+    /// Stores `value` under `key` unless the key is there already; true if it was stored.
+    #[inline(always)]
+    fn insert_new(&self, key: &K, value: &V) -> bool {
+        self.update(key, value, BPF_NOEXIST.into())
+    }
+
     /// Stores `value` under `key`, replacing what is there; true if it was stored.
     #[inline(always)]
     fn set(&self, key: &K, value: &V) -> bool {
-        // SAFETY: `self` is a map the loader relocated; key and value have its types.
-        let ret = unsafe {
-            bpf_map_update_elem(
-                ptr::from_ref(self).cast_mut().cast::<c_void>(),
-                ptr::from_ref(key).cast(),
-                ptr::from_ref(value).cast(),
-                0, // BPF_ANY
-            )
-        };
-        ret == 0
+        self.update(key, value, 0) // BPF_ANY
     }
 
     /// Removes the entry under `key`, if any.

@@ -8,7 +8,7 @@
 //!   translates what still leaves the uplink with a pod source toward the outside: to the
 //!   uplink's address and a port from `nat_port_min..=nat_port_max`, outside the node's
 //!   ephemeral range. An existing mapping is always applied, so a flow keeps its address
-//!   while the agent is gone or the mode changes; nothing leaves with a pod address unless
+//!   while the agent is gone; nothing leaves with a pod address unless
 //!   the destination is excluded or masquerading is off.
 //! - `from_netdev` translates replies, and ICMP errors quoting a translated packet (inner
 //!   header included: path MTU discovery keeps working), back to the pod before the
@@ -152,13 +152,14 @@ pub fn snat(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr) -> Option<i32>
     if !in_network(cfg, ip.saddr) || !leaves_cluster(cfg, ip.daddr) {
         return None;
     }
-    let enabled = cfg.nat_flags & NAT_ENABLED != 0;
+    // Without BPF NAT there are no mappings to apply: the agent writes no port range then,
+    // so `from_netdev` could not translate their replies either.
+    if cfg.nat_flags & NAT_ENABLED == 0 {
+        return None;
+    }
     let l4_off = ETH_HLEN + ip.header_len();
     // A later fragment of a translated datagram: only its address can (and must) change.
     if !ip.carries_l4_header() {
-        if !enabled {
-            return None;
-        }
         return Some(verdict(
             rewrite_saddr(ctx, ip, cfg.node_ip),
             Counter::NatOut,
@@ -179,7 +180,7 @@ pub fn snat(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr) -> Option<i32>
         // Only what starts a flow from the pod gets a mapping, as conntrack translates
         // only a connection's first packet: the answers of a pod's server to a client
         // that reached it unmasqueraded keep the pod's address.
-        None if !enabled || !opens_flow(ctx, ip, l4_off) => return None,
+        None if !opens_flow(ctx, ip, l4_off) => return None,
         None => match allocate(ctx, cfg, &key, now) {
             Some(mapping) => mapping,
             None => return Some(drop(Counter::NatAllocFailed)),
