@@ -173,9 +173,13 @@ pub fn snat(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr) -> Option<i32>
     let mapping = match maps::nat(&key) {
         Some(entry) => {
             // SAFETY: a non-null lookup result points at the map's value.
-            unsafe { touch(entry, now, closing(ctx, ip, l4_off)) };
-            // SAFETY: as above.
-            unsafe { *entry }
+            unsafe {
+                touch(entry, now, closing(ctx, ip, l4_off));
+                if ip.protocol == IPPROTO_TCP && opens_flow(ctx, ip, l4_off) {
+                    reopen(&key, entry, now);
+                }
+                *entry
+            }
         }
         // Only what starts a flow from the pod gets a mapping, as conntrack translates
         // only a connection's first packet: the answers of a pod's server to a client
@@ -265,6 +269,49 @@ unsafe fn touch(entry: *mut NatEntry, now: u64, close: bool) {
     }
 }
 
+/// A TCP SYN on a mapping whose flow has closed starts a new flow on it (a client that
+/// reuses its source port, as `tcp_tw_reuse` does): both directions lose their close and
+/// reply marks, so the port is no longer free to take over, and a fast-path mark, so the
+/// new flow's first packets cross the node's stack.
+///
+/// # Safety
+/// `entry` must point at the `nat` map value of `key`.
+#[inline(always)]
+unsafe fn reopen(key: &NatKey, entry: *mut NatEntry, now: u64) {
+    let reverse_key = reply_key(key, &*entry);
+    let back = maps::nat_reverse(&reverse_key);
+    let back_state = back.map_or(0, |b| (*b).state);
+    if ((*entry).state | back_state) & NAT_SEEN_CLOSE == 0 {
+        return;
+    }
+    (*entry).state = 0;
+    (*entry).last_seen_ns = now;
+    if let Some(back) = back {
+        if (*back).addr == key.src_ip && (*back).port == key.src_port {
+            (*back).state = 0;
+            (*back).last_seen_ns = now;
+        }
+    }
+}
+
+/// The key of the replies of flow `key`, mapped to `mapping` (ICMP echo: the identifier is
+/// both "ports" of the reply).
+#[inline(always)]
+fn reply_key(key: &NatKey, mapping: &NatEntry) -> NatKey {
+    let reply_src = if key.protocol == IPPROTO_ICMP {
+        mapping.port
+    } else {
+        key.dst_port
+    };
+    NatKey::new(
+        key.protocol,
+        key.dst_ip,
+        reply_src,
+        mapping.addr,
+        mapping.port,
+    )
+}
+
 /// A new mapping for `key`: the uplink's address and the first free port of a few tried
 /// from a random start (or the one another CPU just made for the same flow). A port the
 /// node's own sockets hold toward that destination (or listen or are bound on) is skipped.
@@ -286,17 +333,6 @@ fn allocate(ctx: &TcContext, cfg: &DataplaneConfig, key: &NatKey, now: u64) -> O
     let mut i = 0;
     while i < ALLOC_TRIES {
         let port = ((min + (start + i) % span) as u16).to_be_bytes();
-        // ICMP echo: the identifier is both "ports" of the reply's key.
-        let reply_src = if key.protocol == IPPROTO_ICMP {
-            port
-        } else {
-            key.dst_port
-        };
-        let reverse_key = NatKey::new(key.protocol, key.dst_ip, reply_src, cfg.node_ip, port);
-        if host_socket(ctx, &reverse_key, false) {
-            i += 1;
-            continue;
-        }
         let out = NatEntry {
             addr: cfg.node_ip,
             port,
@@ -304,6 +340,11 @@ fn allocate(ctx: &TcContext, cfg: &DataplaneConfig, key: &NatKey, now: u64) -> O
             _pad: 0,
             last_seen_ns: now,
         };
+        let reverse_key = reply_key(key, &out);
+        if host_socket(ctx, &reverse_key, false) {
+            i += 1;
+            continue;
+        }
         let back = NatEntry {
             addr: key.src_ip,
             port: key.src_port,
@@ -516,6 +557,11 @@ pub fn fast_out(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr) -> Option<
     }
     let l4_off = ETH_HLEN + ip.header_len();
     let (sport, dport) = ports(ctx, ip, l4_off)?;
+    // A connection's opening crosses the stack (conntrack, a Service's DNAT), also on a
+    // port the pod reuses.
+    if ip.protocol == IPPROTO_TCP && opens_flow(ctx, ip, l4_off) {
+        return None;
+    }
     let key = NatKey::new(ip.protocol, ip.saddr, sport, ip.daddr, dport);
     let entry = maps::nat(&key)?;
     let next = route::lookup(ctx, cfg.node_ip, ip.daddr, cfg.uplink_ifindex)?;
@@ -528,19 +574,7 @@ pub fn fast_out(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr) -> Option<
     };
     // Found under the packet as the pod sent it: the stack did not rewrite this flow, so
     // its replies may skip the stack too.
-    let reply_src = if key.protocol == IPPROTO_ICMP {
-        mapping.port
-    } else {
-        key.dst_port
-    };
-    let reverse_key = NatKey::new(
-        key.protocol,
-        key.dst_ip,
-        reply_src,
-        mapping.addr,
-        mapping.port,
-    );
-    if let Some(back) = maps::nat_reverse(&reverse_key) {
+    if let Some(back) = maps::nat_reverse(&reply_key(&key, &mapping)) {
         // SAFETY: as above.
         unsafe {
             if (*back).state & NAT_FAST_OK == 0 {

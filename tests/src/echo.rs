@@ -65,23 +65,31 @@ impl EchoServer {
 
 /// SO_RCVTIMEO on a listening socket bounds a blocking accept(2) (std has no setter).
 pub(crate) fn set_accept_timeout(listener: &TcpListener, timeout: Duration) -> Result<()> {
-    use std::os::fd::AsRawFd;
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: timeout.subsec_micros() as libc::suseconds_t,
     };
-    // SAFETY: setsockopt on a socket this process owns, with a valid timeval.
+    set_socket_option(listener, libc::SO_RCVTIMEO, &tv).context("setting the accept timeout")
+}
+
+/// A SOL_SOCKET option std has no setter for.
+fn set_socket_option<T>(
+    socket: &impl std::os::fd::AsRawFd,
+    option: libc::c_int,
+    value: &T,
+) -> Result<()> {
+    // SAFETY: setsockopt on a socket the caller owns, with a value of the option's type.
     let rc = unsafe {
         libc::setsockopt(
-            listener.as_raw_fd(),
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            std::ptr::from_ref(&tv).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            option,
+            std::ptr::from_ref(value).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("setting the accept timeout");
+        return Err(std::io::Error::last_os_error().into());
     }
     Ok(())
 }
@@ -181,17 +189,9 @@ fn call_bound(
 ) -> Result<Reply> {
     let ns_name = ns.to_string();
     in_netns(ns, move || match protocol {
-        Protocol::Tcp => {
-            let mut stream = connect(src, dst, timeout)
-                .with_context(|| format!("TCP connect from {ns_name} ({src}) to {dst}"))?;
-            stream.set_read_timeout(Some(timeout))?;
-            stream.write_all(b"hello\n")?;
-            let mut buf = [0u8; 256];
-            let n = stream
-                .read(&mut buf)
-                .with_context(|| format!("TCP reply from {dst} in {ns_name}"))?;
-            reply(&buf[..n], stream.local_addr()?)
-        }
+        Protocol::Tcp => HeldConnection::connect(src, dst, timeout)
+            .with_context(|| format!("in {ns_name}"))?
+            .request(),
         Protocol::Udp => {
             let socket = UdpSocket::bind(src)?;
             // Connected: a datagram from any other source is not delivered to it.
@@ -212,6 +212,55 @@ fn call_bound(
             }
         }
     })
+}
+
+/// A TCP connection to an [`EchoServer`] kept open, for requests at the test's pace.
+pub struct HeldConnection {
+    stream: TcpStream,
+    dst: SocketAddrV4,
+}
+
+impl HeldConnection {
+    /// Connects from namespace `ns`, source port `port` (0: any), within `timeout` (which
+    /// also bounds each request's answer).
+    pub fn open(
+        ns: &str,
+        port: u16,
+        dst: SocketAddrV4,
+        timeout: Duration,
+    ) -> Result<HeldConnection> {
+        let src = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+        in_netns(ns, move || HeldConnection::connect(src, dst, timeout))
+            .with_context(|| format!("in {ns}"))
+    }
+
+    fn connect(src: SocketAddrV4, dst: SocketAddrV4, timeout: Duration) -> Result<Self> {
+        let stream = connect(src, dst, timeout)
+            .with_context(|| format!("TCP connect from {src} to {dst}"))?;
+        stream.set_read_timeout(Some(timeout))?;
+        Ok(HeldConnection { stream, dst })
+    }
+
+    /// One line out, its answer back.
+    pub fn request(&mut self) -> Result<Reply> {
+        self.stream.write_all(b"hello\n")?;
+        let mut buf = [0u8; 256];
+        let n = self
+            .stream
+            .read(&mut buf)
+            .with_context(|| format!("TCP reply from {}", self.dst))?;
+        reply(&buf[..n], self.stream.local_addr()?)
+    }
+
+    /// Closes with a reset (SO_LINGER 0): no TIME_WAIT, so the source port can be bound
+    /// again at once, as a client reusing its ports would.
+    pub fn reset(self) -> Result<()> {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        set_socket_option(&self.stream, libc::SO_LINGER, &linger).context("setting SO_LINGER")
+    }
 }
 
 /// A TCP connection from `src` (port 0: any), bounded by `timeout`.

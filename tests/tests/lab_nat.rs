@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use weft_common::Counter;
-use weft_tests::echo::{call, EchoServer};
+use weft_tests::echo::{call, EchoServer, HeldConnection};
 use weft_tests::exec::{ip, Cmd};
 use weft_tests::kube_proxy::{Protocol, ProxyMode, Service};
 use weft_tests::lab::EXTERNAL_HOST;
@@ -631,4 +631,51 @@ fn a_fast_path_flow_survives_the_agent_going_away() {
         counters.get(Counter::AgentGone) > 0,
         "the fallback never came: {counters}"
     );
+}
+
+/// A pod that reuses its source port for a new connection to the same destination (as
+/// clients with `tcp_tw_reuse` do under load) starts a new flow on the old, closed mapping:
+/// its NAT port is its own again, not free for another pod's flow to take over.
+fn a_reused_source_port_keeps_its_nat_port(extra: &[&str]) {
+    let mut args = vec!["--masquerade-ports=61000-61000"];
+    args.extend_from_slice(extra);
+    let mut lab = nat_lab(Backend::Vxlan, &args);
+    let a = lab.add_pod(1).unwrap();
+    let b = lab.add_pod(1).unwrap();
+    let c = lab.add_pod(2).unwrap();
+    ready(&lab, &[a.clone(), b.clone(), c]);
+    let tcp = server(&lab, Protocol::Tcp, EXTERNAL_HOST, 9700);
+    let nat_port = SocketAddrV4::new(lab.node_ip(1), 61000);
+    let mut first = HeldConnection::open(&a.ns, 40000, tcp.addr, WAIT).unwrap();
+    assert_eq!(first.request().unwrap().seen_by_server, nat_port);
+    first.reset().unwrap();
+    // A port whose flow was reset may serve another flow 200 ms later: be past that.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut again = HeldConnection::open(&a.ns, 40000, tcp.addr, WAIT)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
+    assert_eq!(again.request().unwrap().seen_by_server, nat_port);
+    // Another pod's new flow finds the only NAT port held by a live flow.
+    let before = lab.bpf_counters(1).unwrap();
+    if let Ok(reply) = call(&b.ns, tcp.addr, Protocol::Tcp, Duration::from_secs(2)) {
+        panic!("another pod's flow took the NAT port of a live flow: {reply:?}");
+    }
+    let grew = lab.bpf_counters(1).unwrap().since(&before);
+    assert!(grew.get(Counter::NatAllocFailed) >= 1, "{grew:?}");
+    // The reused port's flow keeps its mapping and its answers.
+    for _ in 0..3 {
+        let reply = again
+            .request()
+            .unwrap_or_else(|e| panic!("the reused port's flow: {e:#}"));
+        assert_eq!(reply.seen_by_server, nat_port);
+    }
+}
+
+#[test]
+fn a_reused_source_port_keeps_its_nat_port_at_the_uplink() {
+    a_reused_source_port_keeps_its_nat_port(&[]);
+}
+
+#[test]
+fn a_reused_source_port_keeps_its_nat_port_on_the_fast_path() {
+    a_reused_source_port_keeps_its_nat_port(&["--masquerade-fast-path"]);
 }
