@@ -26,7 +26,9 @@ use weft::dataplane::Dataplane;
 use weft::iface::{self, ExtIface, IfaceSelection};
 use weft::lease::{Lease, LeaseAttrs, LeaseEvent};
 use weft_common::{
-    Counter, LEASE_DIRECT, LEASE_VXLAN, MAP_CONFIG, MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS,
+    Counter, NatClaim, NatEntry, NatKey, LEASE_DIRECT, LEASE_VXLAN, MAP_CONFIG, MAP_ENDPOINTS,
+    MAP_LEASES, MAP_NAT, MAP_NAT_CLAIMS, MAP_NAT_REVERSE, MAP_PEERS, NAT_SEEN_CLOSE,
+    NAT_SEEN_REPLY,
 };
 
 const PREFIX: &str = "wt-bpd-";
@@ -1015,6 +1017,82 @@ fn host_gw_leases_are_routed_directly_by_the_programs() -> Result<()> {
             out >= 3 && inbound >= 3,
             "direct_out {out}, direct_in {inbound}: the fast path was not used"
         );
+        Ok(())
+    })
+}
+
+/// The NAT collector removes mappings idle past their timeout and reverse entries left
+/// without a mapping, keeps live mappings, and leaves alone a port that a program claimed
+/// (to give it to a new flow) after the collector read it.
+#[test]
+fn the_nat_collector_removes_idle_mappings_and_leaves_claimed_ports() -> Result<()> {
+    let mut lab = Lab::new("natgc")?;
+    let nodes = lab.cluster(1)?;
+    let dir = lab.pin_dir();
+    let (ns, subnet) = (nodes[0].ns.clone(), nodes[0].subnet);
+    in_node(&ns, move || async move {
+        let (_dataplane, _) = bpf_node(&dir, subnet, &vxlan_conf(false), None).await?;
+        let pin = |name: &str| -> Result<aya::maps::Map> {
+            let data = aya::maps::MapData::from_pin(dir.join(name))?;
+            Ok(aya::maps::Map::from_map_data(data)?)
+        };
+        let mut nat: aya::maps::HashMap<_, NatKey, NatEntry> = pin(MAP_NAT)?.try_into()?;
+        let mut reverse: aya::maps::HashMap<_, NatKey, NatEntry> =
+            pin(MAP_NAT_REVERSE)?.try_into()?;
+        let mut claims: aya::maps::HashMap<_, NatClaim, u8> = pin(MAP_NAT_CLAIMS)?.try_into()?;
+        let now = bpf::dataplane::monotonic_ns();
+        let ago = |secs: u64| now - secs * 1_000_000_000;
+        let node = [198, 18, 0, 11];
+        let outside = [198, 51, 100, 1];
+        let entry = |addr, port: u16, state, last_seen_ns| NatEntry {
+            addr,
+            port: port.to_be_bytes(),
+            state,
+            _pad: 0,
+            last_seen_ns,
+        };
+        let closed = NAT_SEEN_CLOSE | NAT_SEEN_REPLY;
+        // Pod port → (NAT port, state, seconds idle): closed 11 s ago (past conntrack's
+        // 10 s), talking 1 s ago, closed 11 s ago but claimed by a program.
+        let flows = [
+            (40000u16, 61000u16, closed, 11),
+            (40001, 61001, NAT_SEEN_REPLY, 1),
+            (40003, 61003, closed, 11),
+        ];
+        let mut reply_keys = Vec::new();
+        for (pod_port, nat_port, state, idle) in flows {
+            let key = NatKey::new(6, [10, 244, 1, 2], pod_port.to_be_bytes(), outside, [0, 80]);
+            let rkey = NatKey::new(6, outside, [0, 80], node, nat_port.to_be_bytes());
+            nat.insert(key, entry(node, nat_port, state, ago(idle)), 0)?;
+            let back = entry([10, 244, 1, 2], pod_port, state, ago(idle));
+            reverse.insert(rkey, back, 0)?;
+            reply_keys.push((key, rkey, back));
+        }
+        // A reverse entry whose mapping is gone (a lost race), idle 11 s.
+        let orphan = NatKey::new(6, outside, [0, 80], node, 61002u16.to_be_bytes());
+        reverse.insert(orphan, entry([10, 244, 1, 2], 40002, 0, ago(11)), 0)?;
+        let (_, claimed_rkey, claimed_back) = reply_keys[2];
+        let claim = NatClaim {
+            reply: claimed_rkey,
+            holder: claimed_back,
+        };
+        claims.insert(claim, 1, 0)?;
+
+        let collected = bpf::nat::collect(&dir, now)?;
+        ensure!(collected.removed == 1, "{collected:?}");
+        let left: Vec<u16> = nat
+            .keys()
+            .map(|k| Ok(u16::from_be_bytes(k?.src_port)))
+            .collect::<Result<_>>()?;
+        let mut left = left;
+        left.sort();
+        ensure!(left == [40001, 40003], "mappings left: {left:?}");
+        let mut ports: Vec<u16> = reverse
+            .keys()
+            .map(|k| Ok(u16::from_be_bytes(k?.dst_port)))
+            .collect::<Result<_>>()?;
+        ports.sort();
+        ensure!(ports == [61001, 61003], "reverse entries left: {ports:?}");
         Ok(())
     })
 }

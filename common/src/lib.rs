@@ -21,6 +21,7 @@
 //! | `nat_reverse` | hash | [`NatKey`] (its replies: outside → node) | [`NatEntry`] (the pod's address and port) |
 //! | `nat_exclude` | LPM trie | `{ prefix_len: u32, net: [u8; 4] }` | `u32` (1): destinations that keep pod addresses |
 //! | `nat_state` | array[1] | `u32` 0 | [`NatState`] |
+//! | `nat_claims` | LRU hash | [`NatClaim`] (a port's replies' key and its holder as read) | `u8` (1) |
 #![no_std]
 
 /// Map names, as the programs declare them and as they are pinned.
@@ -34,8 +35,9 @@ pub const MAP_NAT: &str = "nat";
 pub const MAP_NAT_REVERSE: &str = "nat_reverse";
 pub const MAP_NAT_EXCLUDE: &str = "nat_exclude";
 pub const MAP_NAT_STATE: &str = "nat_state";
+pub const MAP_NAT_CLAIMS: &str = "nat_claims";
 /// Every pinned map, for the agent's adoption and cleanup.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_LEASES,
     MAP_PEERS,
     MAP_ENDPOINTS,
@@ -46,6 +48,7 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_NAT_REVERSE,
     MAP_NAT_EXCLUDE,
     MAP_NAT_STATE,
+    MAP_NAT_CLAIMS,
 ];
 
 /// TC ingress of each pod's host-side veth: encapsulate or route to remote leases.
@@ -267,6 +270,17 @@ pub const NAT_SEEN_CLOSE: u8 = 2;
 /// skip the stack (`--masquerade-fast-path`).
 pub const NAT_FAST_OK: u8 = 4;
 
+/// A claim on a NAT port (`nat_claims`): the key of the port's replies and the
+/// `nat_reverse` entry of its holder as the claiming program read it. A port changes hands
+/// (a finished flow's port taken over by a new flow, or reopened by a SYN on it) only for
+/// the CPU whose claim is new: of programs racing for one port on several CPUs, one wins.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatClaim {
+    pub reply: NatKey,
+    pub holder: NatEntry,
+}
+
 /// The programs' NAT bookkeeping, entry 0 of `nat_state`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -278,6 +292,8 @@ pub struct NatState {
 
 /// Capacity of the NAT maps in the object; sized at load time from `--masquerade-table-size`.
 pub const MAX_NAT: u32 = 65536;
+/// `nat_claims`: claims live only while a port changes hands, so a few suffice.
+pub const MAX_NAT_CLAIMS: u32 = 4096;
 /// Capacity of `nat_exclude` (`--masquerade-exclude` CIDRs).
 pub const MAX_NAT_EXCLUDE: u32 = 256;
 
@@ -476,4 +492,5 @@ mod pod {
     unsafe impl aya::Pod for NatKey {}
     unsafe impl aya::Pod for NatEntry {}
     unsafe impl aya::Pod for NatState {}
+    unsafe impl aya::Pod for NatClaim {}
 }

@@ -25,9 +25,9 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use weft_common::{
-    DataplaneConfig, EndpointEntry, EndpointKey, FlowEntry, FlowKey, LeaseEntry, NatEntry, NatKey,
-    NatState, PeerEntry, PeerKey, COUNTER_SLOTS, MAX_ENDPOINTS, MAX_LEASES, MAX_NAT,
-    MAX_NAT_EXCLUDE, MAX_STACK_FLOWS,
+    DataplaneConfig, EndpointEntry, EndpointKey, FlowEntry, FlowKey, LeaseEntry, NatClaim,
+    NatEntry, NatKey, NatState, PeerEntry, PeerKey, COUNTER_SLOTS, MAX_ENDPOINTS, MAX_LEASES,
+    MAX_NAT, MAX_NAT_CLAIMS, MAX_NAT_EXCLUDE, MAX_STACK_FLOWS,
 };
 
 /// LIBBPF_PIN_BY_NAME (libbpf.h): pin the map as `<pin dir>/<map name>`.
@@ -221,6 +221,17 @@ static NAT_REVERSE: MapDef<
     PIN_BY_NAME,
 > = MapDef::new();
 
+/// Claims on NAT ports changing hands (see `NatClaim`).
+#[btf_map(name = "nat_claims")]
+static NAT_CLAIMS: MapDef<
+    NatClaim,
+    u8,
+    { BPF_MAP_TYPE_LRU_HASH as usize },
+    { MAX_NAT_CLAIMS as usize },
+    0,
+    PIN_BY_NAME,
+> = MapDef::new();
+
 /// Destinations pod traffic reaches with its pod address (`--masquerade-exclude`).
 #[btf_map(name = "nat_exclude")]
 static NAT_EXCLUDE: MapDef<
@@ -274,24 +285,40 @@ pub fn nat_insert(
     NAT.get(key)
 }
 
-/// Gives the port of a finished flow (`old_key`, whose replies' key is `reverse_key`) to
-/// the flow `key`: the old mapping goes, the reverse entry is overwritten. The count stays.
+/// Gives a claimed port (see [`nat_claim`]) to the flow `key`: the old holder's mapping
+/// (`old_key`) goes. The count stays.
 #[inline(always)]
-pub fn nat_take_over(
-    old_key: &NatKey,
-    key: &NatKey,
-    entry: &NatEntry,
-    reverse_key: &NatKey,
-    reverse: &NatEntry,
-) -> Option<NatEntry> {
+pub fn nat_take_over(old_key: &NatKey, key: &NatKey, entry: &NatEntry) -> Option<NatEntry> {
     NAT.delete(old_key);
-    if !NAT_REVERSE.set(reverse_key, reverse) {
-        return None;
-    }
     if NAT.insert_new(key, entry) {
         return Some(*entry);
     }
     NAT.get(key)
+}
+
+/// Forgets a pod flow's mapping whose port went to another flow.
+#[inline(always)]
+pub fn nat_forget(key: &NatKey) {
+    NAT.delete(key);
+}
+
+/// Claims the port whose replies' key is `reply` from its holder as read (`holder`): true
+/// for the one program that claims it first (see [`NatClaim`]); it must then change the
+/// holder's entry, which retires the claim.
+#[inline(always)]
+pub fn nat_claim(reply: &NatKey, holder: &NatEntry) -> bool {
+    let claim = NatClaim {
+        reply: *reply,
+        holder: *holder,
+    };
+    NAT_CLAIMS.insert_new(&claim, &1)
+}
+
+/// Replaces the `nat_reverse` entry of a claimed port (atomically, for readers on other
+/// CPUs).
+#[inline(always)]
+pub fn nat_reverse_set(reply: &NatKey, entry: &NatEntry) -> bool {
+    NAT_REVERSE.set(reply, entry)
 }
 
 /// How many mappings the table holds (as the programs and the agent last counted).

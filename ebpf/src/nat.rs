@@ -172,13 +172,22 @@ pub fn snat(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr) -> Option<i32>
     let now = unsafe { bpf_ktime_get_ns() };
     let mapping = match maps::nat(&key) {
         Some(entry) => {
+            let opening = ip.protocol == IPPROTO_TCP && opens_flow(ctx, ip, l4_off);
             // SAFETY: a non-null lookup result points at the map's value.
-            unsafe {
+            let still_held = unsafe {
                 touch(entry, now, closing(ctx, ip, l4_off));
-                if ip.protocol == IPPROTO_TCP && opens_flow(ctx, ip, l4_off) {
-                    reopen(&key, entry, now);
+                !opening || reopen(&key, entry, now)
+            };
+            if still_held {
+                // SAFETY: as above.
+                unsafe { *entry }
+            } else {
+                // The port went to another flow after this one closed: a new one.
+                maps::nat_forget(&key);
+                match allocate(ctx, cfg, &key, now) {
+                    Some(mapping) => mapping,
+                    None => return Some(drop(Counter::NatAllocFailed)),
                 }
-                *entry
             }
         }
         // Only what starts a flow from the pod gets a mapping, as conntrack translates
@@ -272,26 +281,42 @@ unsafe fn touch(entry: *mut NatEntry, now: u64, close: bool) {
 /// A TCP SYN on a mapping whose flow has closed starts a new flow on it (a client that
 /// reuses its source port, as `tcp_tw_reuse` does): both directions lose their close and
 /// reply marks, so the port is no longer free to take over, and a fast-path mark, so the
-/// new flow's first packets cross the node's stack.
+/// new flow's first packets cross the node's stack. False when the port is no longer this
+/// flow's (another flow took it over once it had closed).
 ///
 /// # Safety
 /// `entry` must point at the `nat` map value of `key`.
 #[inline(always)]
-unsafe fn reopen(key: &NatKey, entry: *mut NatEntry, now: u64) {
-    let reverse_key = reply_key(key, &*entry);
-    let back = maps::nat_reverse(&reverse_key);
-    let back_state = back.map_or(0, |b| (*b).state);
-    if ((*entry).state | back_state) & NAT_SEEN_CLOSE == 0 {
-        return;
+unsafe fn reopen(key: &NatKey, entry: *mut NatEntry, now: u64) -> bool {
+    let reply = reply_key(key, &*entry);
+    let Some(back) = maps::nat_reverse(&reply) else {
+        return false;
+    };
+    let held = *back;
+    if held.addr != key.src_ip || held.port != key.src_port {
+        return false;
+    }
+    if ((*entry).state | held.state) & NAT_SEEN_CLOSE == 0 {
+        return true;
+    }
+    // Another CPU claimed the port since: a retransmitted SYN reopened it (then it is
+    // still this flow's, and the SYN goes on), or a new flow took it over (it is not).
+    if !maps::nat_claim(&reply, &held) {
+        return maps::nat_reverse(&reply).is_some_and(|b| {
+            (*b).addr == key.src_ip && (*b).port == key.src_port && (*b).state & NAT_SEEN_CLOSE == 0
+        });
+    }
+    let reopened = NatEntry {
+        state: 0,
+        last_seen_ns: now,
+        ..held
+    };
+    if !maps::nat_reverse_set(&reply, &reopened) {
+        return false;
     }
     (*entry).state = 0;
     (*entry).last_seen_ns = now;
-    if let Some(back) = back {
-        if (*back).addr == key.src_ip && (*back).port == key.src_port {
-            (*back).state = 0;
-            (*back).last_seen_ns = now;
-        }
-    }
+    true
 }
 
 /// The key of the replies of flow `key`, mapped to `mapping` (ICMP echo: the identifier is
@@ -428,7 +453,11 @@ fn take_over_finished(
     if !finished(key.protocol, out_state, held.state, last, now) {
         return None;
     }
-    maps::nat_take_over(&old_key, key, out, reverse_key, back)
+    // Unless another CPU took the port over or reopened its flow since `held` was read.
+    if !maps::nat_claim(reverse_key, &held) || !maps::nat_reverse_set(reverse_key, back) {
+        return None;
+    }
+    maps::nat_take_over(&old_key, key, out)
 }
 
 /// TCP's LISTEN state as `struct bpf_sock` reports it.

@@ -75,14 +75,19 @@ fn serve(listener: &TcpListener, stop: &AtomicBool) {
 }
 
 /// What one run measured.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConnRate {
     /// Completed connections (connect, line, answer, close) per second.
     pub per_second: f64,
     pub completed: u64,
     /// Connections that failed (refused, timed out, reset).
     pub failed: u64,
+    /// The first few failures: when (since the start), at which step, and why.
+    pub failures: Vec<String>,
 }
+
+/// Failures described per client thread.
+const DESCRIBED_FAILURES: usize = 2;
 
 /// Opens connections from `ns` to `dst` for `seconds` from `parallel` threads.
 pub fn connection_rate(
@@ -96,40 +101,52 @@ pub fn connection_rate(
     let handles: Vec<_> = (0..parallel)
         .map(|_| {
             spawn_in_netns(ns, move || {
-                let (mut completed, mut failed) = (0u64, 0u64);
+                let (mut completed, mut failed, mut failures) = (0u64, 0u64, Vec::new());
                 let deadline = Instant::now() + duration;
                 let mut buf = [0u8; 16];
                 while Instant::now() < deadline {
-                    let done = (|| -> std::io::Result<()> {
-                        let mut stream = TcpStream::connect_timeout(&dst.into(), IO_TIMEOUT)?;
-                        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-                        stream.write_all(b"hi\n")?;
-                        let n = stream.read(&mut buf)?;
-                        if n == 0 {
-                            return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    let done = (|| -> std::result::Result<(), (&str, std::io::Error)> {
+                        let mut stream = TcpStream::connect_timeout(&dst.into(), IO_TIMEOUT)
+                            .map_err(|e| ("connect", e))?;
+                        stream
+                            .set_read_timeout(Some(IO_TIMEOUT))
+                            .map_err(|e| ("setsockopt", e))?;
+                        stream.write_all(b"hi\n").map_err(|e| ("write", e))?;
+                        match stream.read(&mut buf) {
+                            Ok(0) => Err(("read", std::io::ErrorKind::UnexpectedEof.into())),
+                            Ok(_) => Ok(()),
+                            Err(e) => Err(("read", e)),
                         }
-                        Ok(())
                     })();
                     match done {
                         Ok(()) => completed += 1,
-                        Err(_) => failed += 1,
+                        Err((step, e)) => {
+                            failed += 1;
+                            if failures.len() < DESCRIBED_FAILURES {
+                                let at = started.elapsed().as_secs_f64();
+                                failures.push(format!("{step} at {at:.2} s: {e}"));
+                            }
+                        }
                     }
                 }
-                Ok((completed, failed))
+                Ok((completed, failed, failures))
             })
         })
         .collect();
     let mut completed = 0;
     let mut failed = 0;
+    let mut failures = Vec::new();
     for handle in handles {
-        let (c, f) = join_netns_thread(ns, handle)?;
+        let (c, f, described) = join_netns_thread(ns, handle)?;
         completed += c;
         failed += f;
+        failures.extend(described);
     }
     let elapsed = started.elapsed().as_secs_f64();
     Ok(ConnRate {
         per_second: completed as f64 / elapsed,
         completed,
         failed,
+        failures,
     })
 }

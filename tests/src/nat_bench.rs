@@ -74,6 +74,14 @@ pub struct NatBenchOptions {
     pub parallel: usize,
 }
 
+/// The measurements, each run over every lab before the next.
+#[derive(Clone, Copy)]
+enum Tool {
+    Throughput,
+    PingPong,
+    Connections,
+}
+
 /// What one source NAT measured.
 #[derive(Debug, Default)]
 pub struct NatResults {
@@ -159,8 +167,12 @@ impl NatLab {
 }
 
 /// Measures every source NAT `options.runs` times (alternating order); returns the results
-/// and, per lab, the BPF counters' growth.
-pub fn run(options: &NatBenchOptions) -> Result<(BTreeMap<Masquerade, NatResults>, Vec<String>)> {
+/// and, per lab, the BPF counters' growth. `hold` runs before the labs go, after their
+/// namespaces were printed (weft-bench's `--hold`, to look inside).
+pub fn run(
+    options: &NatBenchOptions,
+    hold: Option<&dyn Fn()>,
+) -> Result<(BTreeMap<Masquerade, NatResults>, Vec<String>)> {
     let mut labs = BTreeMap::new();
     for masquerade in Masquerade::ALL {
         let lab = NatLab::start(masquerade)
@@ -172,45 +184,63 @@ pub fn run(options: &NatBenchOptions) -> Result<(BTreeMap<Masquerade, NatResults
         .map(|(m, l)| Ok((*m, l.lab.bpf_counters(1)?)))
         .collect::<Result<_>>()?;
     let mut results: BTreeMap<Masquerade, NatResults> = BTreeMap::new();
-    for round in 0..options.runs {
-        let mut order = Masquerade::ALL.to_vec();
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for masquerade in order {
-            let l = &labs[&masquerade];
-            let throughput = l
-                .lab
-                .iperf3_via(&l.client, &l.external, EXTERNAL_HOST, options.seconds, &[])
-                .with_context(|| format!("iperf3 through {}", masquerade.label()))?;
-            let ping_pong = sockperf_via(
-                &l.lab,
-                &l.client,
-                &l.external,
-                EXTERNAL_HOST,
-                options.seconds,
-            )
-            .with_context(|| format!("sockperf through {}", masquerade.label()))?;
-            let connections = connection_rate(
-                &l.client.ns,
-                l.conn_server.addr,
-                options.seconds,
-                options.parallel,
-            )?;
-            println!(
-                "  run {}/{} {:<22} {:6.2} Gbit/s  {:8.0} RR/s  {:8.0} conn/s ({} failed)",
-                round + 1,
-                options.runs,
-                masquerade.label(),
-                throughput.bits_per_second / 1e9,
-                ping_pong.rate,
-                connections.per_second,
-                connections.failed
-            );
-            let entry = results.entry(masquerade).or_default();
-            entry.throughput.push(throughput);
-            entry.ping_pong.push(ping_pong);
-            entry.connections.push(connections);
+    // One tool at a time over every lab: a connection load leaves some 100,000 TIME_WAIT
+    // sockets and conntrack entries behind, whose expiry work would land on whichever
+    // lab's throughput or ping-pong ran next.
+    for tool in [Tool::Throughput, Tool::PingPong, Tool::Connections] {
+        for round in 0..options.runs {
+            let mut order = Masquerade::ALL.to_vec();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for masquerade in order {
+                let l = &labs[&masquerade];
+                let entry = results.entry(masquerade).or_default();
+                let shown = match tool {
+                    Tool::Throughput => {
+                        let t = l
+                            .lab
+                            .iperf3_via(&l.client, &l.external, EXTERNAL_HOST, options.seconds, &[])
+                            .with_context(|| format!("iperf3 through {}", masquerade.label()))?;
+                        let shown = format!("{:6.2} Gbit/s", t.bits_per_second / 1e9);
+                        entry.throughput.push(t);
+                        shown
+                    }
+                    Tool::PingPong => {
+                        let p = sockperf_via(
+                            &l.lab,
+                            &l.client,
+                            &l.external,
+                            EXTERNAL_HOST,
+                            options.seconds,
+                        )
+                        .with_context(|| format!("sockperf through {}", masquerade.label()))?;
+                        entry.ping_pong.push(p);
+                        format!("{:8.0} RR/s", p.rate)
+                    }
+                    Tool::Connections => {
+                        let c = connection_rate(
+                            &l.client.ns,
+                            l.conn_server.addr,
+                            options.seconds,
+                            options.parallel,
+                        )?;
+                        let mut shown =
+                            format!("{:8.0} conn/s ({} failed)", c.per_second, c.failed);
+                        if !c.failures.is_empty() {
+                            shown += &format!(": {}", c.failures.join("; "));
+                        }
+                        entry.connections.push(c);
+                        shown
+                    }
+                };
+                println!(
+                    "  run {}/{} {:<30} {shown}",
+                    round + 1,
+                    options.runs,
+                    masquerade.label(),
+                );
+            }
         }
     }
     let mut deltas = Vec::new();
@@ -230,6 +260,19 @@ pub fn run(options: &NatBenchOptions) -> Result<(BTreeMap<Masquerade, NatResults
                 shown.join(" ")
             }
         ));
+    }
+    if let Some(hold) = hold {
+        for (masquerade, l) in &labs {
+            println!(
+                "weft-bench: {}: pod {} ({}), node {}, external host {}",
+                masquerade.label(),
+                l.client.ns,
+                l.client.ip,
+                l.lab.node_ns(1),
+                l.lab.fabric_ns()
+            );
+        }
+        hold();
     }
     Ok((results, deltas))
 }
@@ -377,6 +420,7 @@ mod tests {
                 per_second: conns,
                 completed: conns as u64 * 10,
                 failed: 0,
+                failures: Vec::new(),
             }],
         }
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use weft_common::Counter;
+use weft_tests::conn_rate::{connection_rate, ConnRate, ConnServer};
 use weft_tests::echo::{call, EchoServer, HeldConnection};
 use weft_tests::exec::{ip, Cmd};
 use weft_tests::kube_proxy::{Protocol, ProxyMode, Service};
@@ -633,17 +634,24 @@ fn a_fast_path_flow_survives_the_agent_going_away() {
     );
 }
 
-/// A pod that reuses its source port for a new connection to the same destination (as
-/// clients with `tcp_tw_reuse` do under load) starts a new flow on the old, closed mapping:
-/// its NAT port is its own again, not free for another pod's flow to take over.
-fn a_reused_source_port_keeps_its_nat_port(extra: &[&str]) {
-    let mut args = vec!["--masquerade-ports=61000-61000"];
-    args.extend_from_slice(extra);
+/// A vxlan lab with NAT ports `ports` and two pods on node 1, learned and ready.
+fn two_pods_on_node_1(ports: &str, extra: &[&str]) -> (Lab, Pod, Pod) {
+    let mut args = vec![format!("--masquerade-ports={ports}")];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut lab = nat_lab(Backend::Vxlan, &args);
     let a = lab.add_pod(1).unwrap();
     let b = lab.add_pod(1).unwrap();
     let c = lab.add_pod(2).unwrap();
     ready(&lab, &[a.clone(), b.clone(), c]);
+    (lab, a, b)
+}
+
+/// A pod that reuses its source port for a new connection to the same destination (as
+/// clients with `tcp_tw_reuse` do under load) starts a new flow on the old, closed mapping:
+/// its NAT port is its own again, not free for another pod's flow to take over.
+fn a_reused_source_port_keeps_its_nat_port(extra: &[&str]) {
+    let (lab, a, b) = two_pods_on_node_1("61000-61000", extra);
     let tcp = server(&lab, Protocol::Tcp, EXTERNAL_HOST, 9700);
     let nat_port = SocketAddrV4::new(lab.node_ip(1), 61000);
     let mut first = HeldConnection::open(&a.ns, 40000, tcp.addr, WAIT).unwrap();
@@ -678,4 +686,51 @@ fn a_reused_source_port_keeps_its_nat_port_at_the_uplink() {
 #[test]
 fn a_reused_source_port_keeps_its_nat_port_on_the_fast_path() {
     a_reused_source_port_keeps_its_nat_port(&["--masquerade-fast-path"]);
+}
+
+/// A storm of short connections from two pods, reusing their source ports (`tcp_tw_reuse`)
+/// over a small NAT port range, so that ports change hands between flows many times a
+/// second on both CPUs: every connection is answered. (Before ports were claimed, two CPUs
+/// could hand one port to two flows at once: the bench lost a few connections a run.)
+fn a_connection_storm_loses_no_connection(extra: &[&str]) {
+    let (lab, a, b) = two_pods_on_node_1("61000-62023", extra);
+    let server =
+        ConnServer::start(lab.fabric_ns(), SocketAddrV4::new(EXTERNAL_HOST, 9800), 4).unwrap();
+    let before = lab.bpf_counters(1).unwrap();
+    let rates: Vec<ConnRate> = std::thread::scope(|s| {
+        let loads: Vec<_> = [&a, &b]
+            .into_iter()
+            .map(|pod| {
+                Cmd::new(["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
+                    .netns(&pod.ns)
+                    .run()
+                    .unwrap();
+                let (ns, addr) = (pod.ns.clone(), server.addr);
+                s.spawn(move || connection_rate(&ns, addr, 4, 2))
+            })
+            .collect();
+        loads
+            .into_iter()
+            .map(|l| l.join().unwrap().unwrap())
+            .collect()
+    });
+    let grew = lab.bpf_counters(1).unwrap().since(&before);
+    let completed: u64 = rates.iter().map(|r| r.completed).sum();
+    assert!(
+        rates.iter().all(|r| r.failed == 0),
+        "connections failed: {rates:?}\n{grew:?}"
+    );
+    // Far more connections than ports: ports went from flow to flow.
+    assert!(completed > 3 * 1024, "{rates:?}");
+    assert!(grew.get(Counter::NatOut) > 0, "{grew:?}");
+}
+
+#[test]
+fn a_connection_storm_loses_no_connection_at_the_uplink() {
+    a_connection_storm_loses_no_connection(&[]);
+}
+
+#[test]
+fn a_connection_storm_loses_no_connection_on_the_fast_path() {
+    a_connection_storm_loses_no_connection(&["--masquerade-fast-path"]);
 }

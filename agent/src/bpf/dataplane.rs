@@ -450,7 +450,7 @@ fn sync_exclusions(map: &mut LpmTrie<MapData, [u8; 4], u32>, wanted: &[Ipv4Netwo
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub(crate) fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -11,8 +11,8 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use ipnetwork::Ipv4Network;
 
 use weft_common::{
-    NatEntry, NatKey, NatState, MAP_NAT, MAP_NAT_REVERSE, MAP_NAT_STATE, NAT_SEEN_CLOSE,
-    NAT_SEEN_REPLY,
+    NatClaim, NatEntry, NatKey, NatState, MAP_NAT, MAP_NAT_CLAIMS, MAP_NAT_REVERSE, MAP_NAT_STATE,
+    NAT_SEEN_CLOSE, NAT_SEEN_REPLY,
 };
 
 use super::bpffs;
@@ -188,6 +188,7 @@ pub fn collect(dir: &Path, now_ns: u64) -> Result<Collected> {
     let mut nat: NatMap = open(dir, MAP_NAT)?.try_into()?;
     let mut reverse: NatMap = open(dir, MAP_NAT_REVERSE)?.try_into()?;
     let mut state: Array<MapData, NatState> = open(dir, MAP_NAT_STATE)?.try_into()?;
+    let mut claims: BpfHashMap<MapData, NatClaim, u8> = open(dir, MAP_NAT_CLAIMS)?.try_into()?;
     let mut expired = Vec::new();
     let mut live_reverse = std::collections::HashSet::new();
     let mut entries = 0u64;
@@ -198,7 +199,7 @@ pub fn collect(dir: &Path, now_ns: u64) -> Result<Collected> {
         let mapping = Mapping { key, out, back };
         let idle = Duration::from_nanos(now_ns.saturating_sub(mapping.last_seen_ns()));
         if idle > timeout(key.protocol, mapping.state()) {
-            expired.push((key, rkey));
+            expired.push(mapping);
         } else {
             entries += 1;
             live_reverse.insert(rkey);
@@ -210,21 +211,47 @@ pub fn collect(dir: &Path, now_ns: u64) -> Result<Collected> {
         let (rkey, back) = item.context("reading the nat_reverse map")?;
         let idle = Duration::from_nanos(now_ns.saturating_sub(back.last_seen_ns));
         if !live_reverse.contains(&rkey) && idle > Duration::from_secs(10) {
-            orphans.push(rkey);
+            orphans.push((rkey, back));
         }
     }
+    // The programs may give a port to a new flow, or reopen its flow, while this runs:
+    // a port is removed only by claiming it as read (as the programs claim ports, so only
+    // one side wins) and only while its entries are still what was read.
     let mut removed = 0;
-    for (key, rkey) in &expired {
-        if nat.remove(key).is_ok() {
+    for mapping in &expired {
+        let rkey = reverse_key(&mapping.key, &mapping.out);
+        if let Some(back) = &mapping.back {
+            if !remove_claimed(&mut claims, &mut reverse, &rkey, back) {
+                continue;
+            }
+        }
+        if nat.get(&mapping.key, 0).ok() == Some(mapping.out) && nat.remove(&mapping.key).is_ok() {
             removed += 1;
         }
-        let _ = reverse.remove(rkey);
     }
-    for rkey in &orphans {
-        let _ = reverse.remove(rkey);
+    for (rkey, back) in &orphans {
+        remove_claimed(&mut claims, &mut reverse, rkey, back);
     }
     state.set(0, NatState { entries }, 0)?;
     Ok(Collected { entries, removed })
+}
+
+/// Removes the reverse entry `reply` if it still holds `holder`, having claimed it as the
+/// programs claim a port they take over or reopen: of the two, only one wins.
+fn remove_claimed(
+    claims: &mut BpfHashMap<MapData, NatClaim, u8>,
+    reverse: &mut NatMap,
+    reply: &NatKey,
+    holder: &NatEntry,
+) -> bool {
+    const BPF_NOEXIST: u64 = 1;
+    let claim = NatClaim {
+        reply: *reply,
+        holder: *holder,
+    };
+    claims.insert(claim, 1, BPF_NOEXIST).is_ok()
+        && reverse.get(reply, 0).ok().as_ref() == Some(holder)
+        && reverse.remove(reply).is_ok()
 }
 
 #[cfg(test)]

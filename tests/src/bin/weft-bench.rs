@@ -568,7 +568,11 @@ fn masquerade_bench(options: &Options) -> Result<()> {
         parallel: 4,
     };
     println!("weft-bench: masquerade, a pod to the external host through each source NAT");
-    let (results, deltas) = nat_bench::run(&nat_options)?;
+    let keep = || hold(options.hold);
+    let (results, deltas) = nat_bench::run(
+        &nat_options,
+        (!options.hold.is_zero()).then_some(&keep as &dyn Fn()),
+    )?;
     let where_ = format!(
         "{}; {} ({} cores); kernel {}",
         machine.date, machine.cpu, machine.cores, machine.kernel
