@@ -1080,11 +1080,10 @@ fn the_nat_collector_removes_idle_mappings_and_leaves_claimed_ports() -> Result<
 
         let collected = bpf::nat::collect(&dir, now)?;
         ensure!(collected.removed == 1, "{collected:?}");
-        let left: Vec<u16> = nat
+        let mut left: Vec<u16> = nat
             .keys()
             .map(|k| Ok(u16::from_be_bytes(k?.src_port)))
             .collect::<Result<_>>()?;
-        let mut left = left;
         left.sort();
         ensure!(left == [40001, 40003], "mappings left: {left:?}");
         let mut ports: Vec<u16> = reverse

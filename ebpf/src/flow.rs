@@ -12,14 +12,10 @@
 use aya_ebpf::programs::TcContext;
 use weft_common::FlowKey;
 
-use crate::{maps, parse::read, parse::Ipv4Hdr};
-
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_SCTP: u8 = 132;
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP_ECHO_REQUEST: u8 = 8;
+use crate::{
+    maps,
+    parse::{self, Ipv4Hdr, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
+};
 
 /// The connection of the IPv4 packet whose header `ip` starts at `l3_off`; `None` for a
 /// packet that cannot be told apart by its own headers: a fragment (conntrack reassembles
@@ -32,17 +28,8 @@ pub fn key_of(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize) -> Option<FlowKey> {
     }
     let l4_off = l3_off + ip.header_len();
     let (sport, dport) = match ip.protocol {
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-            let ports: [u8; 4] = read(ctx, l4_off)?;
-            ([ports[0], ports[1]], [ports[2], ports[3]])
-        }
-        IPPROTO_ICMP => {
-            // type, code, checksum, identifier: echoes are matched by their identifier.
-            let icmp: [u8; 6] = read(ctx, l4_off)?;
-            if icmp[0] != ICMP_ECHO_REQUEST && icmp[0] != ICMP_ECHO_REPLY {
-                return None;
-            }
-            ([icmp[4], icmp[5]], [icmp[4], icmp[5]])
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_ICMP => {
+            parse::ports(ctx, ip.protocol, l4_off)?
         }
         _ => ([0; 2], [0; 2]),
     };

@@ -38,14 +38,14 @@ use weft_common::{
 use crate::{
     counters::{count, drop, redirected},
     csum, maps,
-    parse::{read, Ipv4Hdr, ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP},
+    parse::{
+        self, read, Ipv4Hdr, ETH_HLEN, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP,
+        IPPROTO_TCP, IPPROTO_UDP,
+    },
     route::{self, Macs},
 };
 
-pub const IPPROTO_ICMP: u8 = 1;
-const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROB: u8 = 12;
 const TCP_FIN: u8 = 0x01;
@@ -132,15 +132,7 @@ pub fn mark_from_pod(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr, agent
 #[inline(always)]
 fn ports(ctx: &TcContext, ip: &Ipv4Hdr, l4_off: usize) -> Option<([u8; 2], [u8; 2])> {
     match ip.protocol {
-        IPPROTO_TCP | IPPROTO_UDP => {
-            let p: [u8; 4] = read(ctx, l4_off)?;
-            Some(([p[0], p[1]], [p[2], p[3]]))
-        }
-        IPPROTO_ICMP => {
-            let icmp: [u8; 6] = read(ctx, l4_off)?;
-            let id = [icmp[4], icmp[5]];
-            (icmp[0] == ICMP_ECHO_REQUEST || icmp[0] == ICMP_ECHO_REPLY).then_some((id, id))
-        }
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP => parse::ports(ctx, ip.protocol, l4_off),
         _ => None,
     }
 }

@@ -13,8 +13,12 @@ pub const ETH_HLEN: usize = size_of::<EthHdr>();
 pub const ETH_P_IP: [u8; 2] = 0x0800u16.to_be_bytes();
 /// An IPv4 header without options.
 pub const IPV4_HLEN: usize = size_of::<Ipv4Hdr>();
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -110,6 +114,26 @@ fn read_linear<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     // SAFETY: the check above keeps the read inside the packet, and `T`
     // (a header of byte arrays) has alignment 1 and no invalid values.
     Some(unsafe { *(start as *const T) })
+}
+
+/// The ports of the TCP, UDP or SCTP header at `l4_off`, or an ICMP echo's identifier as
+/// both (echoes are matched by it): what tells a flow apart beyond its addresses. `None`
+/// for another ICMP type, another protocol, or a truncated header.
+#[inline(always)]
+pub fn ports(ctx: &TcContext, protocol: u8, l4_off: usize) -> Option<([u8; 2], [u8; 2])> {
+    match protocol {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            let p: [u8; 4] = read(ctx, l4_off)?;
+            Some(([p[0], p[1]], [p[2], p[3]]))
+        }
+        IPPROTO_ICMP => {
+            // type, code, checksum, identifier
+            let icmp: [u8; 6] = read(ctx, l4_off)?;
+            let id = [icmp[4], icmp[5]];
+            (icmp[0] == ICMP_ECHO_REQUEST || icmp[0] == ICMP_ECHO_REPLY).then_some((id, id))
+        }
+        _ => None,
+    }
 }
 
 /// The IPv4 header of an Ethernet IPv4 frame; `None` for other frames and

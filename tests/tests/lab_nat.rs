@@ -657,8 +657,17 @@ fn a_reused_source_port_keeps_its_nat_port(extra: &[&str]) {
     let mut first = HeldConnection::open(&a.ns, 40000, tcp.addr, WAIT).unwrap();
     assert_eq!(first.request().unwrap().seen_by_server, nat_port);
     first.reset().unwrap();
-    // A port whose flow was reset may serve another flow 200 ms later: be past that.
-    std::thread::sleep(Duration::from_millis(300));
+    // A port whose flow was reset may serve another flow 200 ms later: wait until the
+    // mapping shows it closed and idle past that.
+    let pod = format!("{}:40000", a.ip);
+    wait_until("the reset flow's port free to take over", WAIT, || {
+        Ok(weft_bpf_nat(&lab, 1).iter().any(|r| {
+            r["pod"] == pod.as_str()
+                && r["state"] == "closing"
+                && r["idle_secs"].as_f64().is_some_and(|idle| idle > 0.25)
+        }))
+    })
+    .unwrap();
     let mut again = HeldConnection::open(&a.ns, 40000, tcp.addr, WAIT)
         .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
     assert_eq!(again.request().unwrap().seen_by_server, nat_port);
