@@ -68,7 +68,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     .await?;
     info!("dataplane: {why}");
     // The programs translate only where they run.
-    let nat = nat.filter(|_| why.starts_with("bpf"));
+    let bpf_runs = why.starts_with("bpf");
+    let nat = nat.filter(|_| bpf_runs);
+    if bpf_runs {
+        tokio::spawn(keep_stack_flows(args.bpf_dir.clone(), state.clone()));
+    }
     if nat.is_none() && args.ip_masq && args.masquerade == masq::MasqueradeChoice::Bpf {
         warn!(
             "--masquerade=bpf: the BPF dataplane is not running here, so the firewall masquerades"
@@ -486,36 +490,68 @@ fn bpf_options(args: &AgentArgs, nat: Option<NatSettings>) -> BpfOptions {
         force_fast_path: args.dataplane == bpf::DataplaneChoice::Bpf,
         stale_after: Duration::from_secs(args.bpf_stale_after),
         nat,
+        stack_flows: (args.bpf_stack_flows_size != 0).then_some(args.bpf_stack_flows_size),
     }
 }
 
 /// The BPF source NAT wanted by the flags (if the BPF dataplane runs): `--ip-masq` with
-/// `--masquerade bpf`, or `auto` where its port range can be had.
+/// `--masquerade bpf` (experimental; `auto` is the firewall's masquerade).
 fn nat_settings(args: &AgentArgs) -> Result<Option<NatSettings>> {
     use masq::MasqueradeChoice::*;
-    if !args.ip_masq || matches!(args.masquerade, Nftables | Iptables) {
+    if !args.ip_masq || args.masquerade != Bpf {
         return Ok(None);
     }
-    let kernel_only = args.dataplane == bpf::DataplaneChoice::Kernel;
-    if kernel_only && args.masquerade == Bpf {
+    if args.dataplane == bpf::DataplaneChoice::Kernel {
         bail!("--masquerade=bpf needs the BPF dataplane, but --dataplane=kernel: use --dataplane=auto or bpf, or --masquerade=nftables|iptables");
     }
-    if kernel_only {
-        return Ok(None);
-    }
-    let settings =
-        bpf::nat::port_range(args.masquerade_ports.as_deref()).map(|ports| NatSettings {
-            ports,
-            table_size: args.masquerade_table_size,
-            exclude: args.masquerade_exclude.clone(),
-            fast_path: args.masquerade_fast_path,
-        });
-    match settings {
-        Ok(settings) => Ok(Some(settings)),
-        Err(e) if args.masquerade == Bpf => Err(e),
-        Err(e) => {
-            warn!("BPF source NAT unavailable ({e:#}): the firewall masquerades");
-            Ok(None)
+    let ports = bpf::nat::port_range(args.masquerade_ports.as_deref())?;
+    warn!("--masquerade=bpf is experimental: BPF source NAT does not yet hold every invariant of the kernel's masquerade (see the README's \"Failure and attack\")");
+    Ok(Some(NatSettings {
+        ports,
+        table_size: args.masquerade_table_size,
+        exclude: args.masquerade_exclude.clone(),
+        fast_path: args.masquerade_fast_path,
+    }))
+}
+
+/// How often the record of the stack's connections is checked against conntrack.
+const STACK_FLOWS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Runs the stack-flow keeper (see [`bpf::flows`]) every [`STACK_FLOWS_INTERVAL`].
+async fn keep_stack_flows(dir: std::path::PathBuf, state: Arc<AgentState>) {
+    let mut tick = tokio::time::interval(STACK_FLOWS_INTERVAL);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let dir = dir.clone();
+        let kept = tokio::task::spawn_blocking(move || {
+            bpf::flows::keep(&dir, bpf::dataplane::monotonic_ns())
+        })
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("the keeper panicked: {e}")));
+        match kept {
+            Ok(k) => {
+                if failing {
+                    info!("the stack-flow keeper reads conntrack again");
+                }
+                failing = false;
+                if k.pods_on_stack > 0 {
+                    warn!(
+                        pods = k.pods_on_stack,
+                        entries = k.entries,
+                        "stack_flows is full: pods with connections it could not record take the kernel path"
+                    );
+                }
+                debug!(removed = k.removed, entries = k.entries, "stack flows kept");
+                state.set_stack_flows(Some((k.entries, k.pods_on_stack)));
+            }
+            Err(e) => {
+                if !failing {
+                    warn!("keeping the stack's connections failed; nothing is removed until it works again: {e:#}");
+                }
+                failing = true;
+                state.set_stack_flows(None);
+            }
         }
     }
 }

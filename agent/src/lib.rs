@@ -6,6 +6,7 @@ pub mod bpf;
 pub mod cli;
 pub mod cni;
 pub mod config;
+pub mod conntrack;
 pub mod dataplane;
 pub mod docker_opts;
 pub mod health;

@@ -161,6 +161,19 @@ pub struct AgentState {
     resync_failures: AtomicU64,
     /// BPF source NAT: the table's size and the mappings at the last collection.
     nat: Mutex<Option<(u32, u64)>>,
+    /// The fast path's record of the stack's connections (BPF dataplane only).
+    stack_flows: Mutex<Option<StackFlows>>,
+}
+
+/// The fast path's record of the stack's connections, as its keeper last left it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackFlows {
+    /// Connections recorded.
+    pub entries: u64,
+    /// Pods on the kernel path because a connection of theirs found no room.
+    pub pods_on_stack: u64,
+    /// Passes that could not read conntrack or the maps (nothing was removed then).
+    pub failures: u64,
 }
 
 /// What the last plan and resync left: rejected leases, peers without room, the error.
@@ -211,6 +224,7 @@ impl AgentState {
             }),
             resync_failures: AtomicU64::new(0),
             nat: Mutex::new(None),
+            stack_flows: Mutex::new(None),
         }
     }
 
@@ -218,6 +232,20 @@ impl AgentState {
     pub fn set_nat_table_size(&self, size: u32) {
         let mut nat = lock(&self.nat);
         *nat = Some((size, nat.map_or(0, |n| n.1)));
+    }
+
+    /// What the stack-flow keeper's last pass left (`None`: the pass failed).
+    pub fn set_stack_flows(&self, kept: Option<(u64, u64)>) {
+        let mut state = lock(&self.stack_flows);
+        let mut now = state.unwrap_or_default();
+        match kept {
+            Some((entries, pods_on_stack)) => {
+                now.entries = entries;
+                now.pods_on_stack = pods_on_stack;
+            }
+            None => now.failures += 1,
+        }
+        *state = Some(now);
     }
 
     /// The mappings counted by the last collection.
@@ -400,6 +428,30 @@ impl AgentState {
             );
         }
 
+        if let Some(flows) = *lock(&self.stack_flows) {
+            out.family(
+                "weft_stack_flows",
+                "gauge",
+                "Connections the node's stack carries for local pods with a peer, recorded so that the fast path leaves them to the stack (kept until conntrack forgets them).",
+            );
+            out.sample("weft_stack_flows", &[], flows.entries);
+            out.family(
+                "weft_pods_on_kernel_path",
+                "gauge",
+                "Local pods whose traffic all takes the kernel path because a connection of theirs found no room in stack_flows.",
+            );
+            out.sample("weft_pods_on_kernel_path", &[], flows.pods_on_stack);
+            out.family(
+                "weft_stack_flows_keeper_failures_total",
+                "counter",
+                "Passes of the stack-flow keeper that could not read conntrack or the maps (it removed nothing then).",
+            );
+            out.sample(
+                "weft_stack_flows_keeper_failures_total",
+                &[],
+                flows.failures,
+            );
+        }
         if let Some((size, entries)) = *lock(&self.nat) {
             out.family(
                 "weft_nat_table_size",

@@ -264,6 +264,7 @@ fn options(dir: &Path) -> BpfOptions {
         force_fast_path: true,
         stale_after: std::time::Duration::from_secs(60),
         nat: None,
+        stack_flows: None,
     }
 }
 

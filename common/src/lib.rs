@@ -16,7 +16,8 @@
 //! | `endpoints` | hash | [`EndpointKey`] (local pod IP) | [`EndpointEntry`] |
 //! | `config` | array[1] | `u32` 0 | [`DataplaneConfig`] |
 //! | `counters` | per-CPU array | `u32` [`Counter`] index | `u64` packets |
-//! | `stack_flows` | LRU hash | [`FlowKey`] (a connection, either direction) | [`FlowEntry`] |
+//! | `stack_flows` | hash (no eviction; sized from `nf_conntrack_max`) | [`FlowKey`] (a connection, either direction) | [`FlowEntry`] |
+//! | `stack_pods` | hash | [`EndpointKey`] (a local pod whose stack connection could not be recorded) | [`StackPod`] |
 //! | `nat` | hash | [`NatKey`] (a pod's flow: pod → outside) | [`NatEntry`] (the node's address and port) |
 //! | `nat_reverse` | hash | [`NatKey`] (its replies: outside → node) | [`NatEntry`] (the pod's address and port) |
 //! | `nat_exclude` | LPM trie | `{ prefix_len: u32, net: [u8; 4] }` | `u32` (1): destinations that keep pod addresses |
@@ -31,19 +32,21 @@ pub const MAP_ENDPOINTS: &str = "endpoints";
 pub const MAP_CONFIG: &str = "config";
 pub const MAP_COUNTERS: &str = "counters";
 pub const MAP_STACK_FLOWS: &str = "stack_flows";
+pub const MAP_STACK_PODS: &str = "stack_pods";
 pub const MAP_NAT: &str = "nat";
 pub const MAP_NAT_REVERSE: &str = "nat_reverse";
 pub const MAP_NAT_EXCLUDE: &str = "nat_exclude";
 pub const MAP_NAT_STATE: &str = "nat_state";
 pub const MAP_NAT_CLAIMS: &str = "nat_claims";
 /// Every pinned map, for the agent's adoption and cleanup.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_LEASES,
     MAP_PEERS,
     MAP_ENDPOINTS,
     MAP_CONFIG,
     MAP_COUNTERS,
     MAP_STACK_FLOWS,
+    MAP_STACK_PODS,
     MAP_NAT,
     MAP_NAT_REVERSE,
     MAP_NAT_EXCLUDE,
@@ -106,8 +109,10 @@ pub const MAX_LEASES: u32 = 16384;
 /// Capacity of the endpoint map in the object (local pods); sized at load time from
 /// SubnetLen.
 pub const MAX_ENDPOINTS: u32 = 4096;
-/// Capacity of the stack-flow map: connections this node's stack carries for its pods
-/// (least recently used ones are evicted first).
+/// Capacity of the stack-flow map in the object: connections this node's stack carries
+/// for its pods with a peer. The agent sizes it at load time from the kernel's
+/// `nf_conntrack_max`, so that it can hold whatever conntrack holds; entries are allocated
+/// as they come (BPF_F_NO_PREALLOC) and never evicted.
 pub const MAX_STACK_FLOWS: u32 = 65536;
 
 /// Bytes VXLAN adds in front of the inner IP packet: outer Ethernet is kept, so
@@ -338,12 +343,31 @@ pub const RECORDED_TO_POD: u32 = 1;
 /// `to_netdev`: the stack sent one of the connection's packets to another node.
 pub const RECORDED_TO_NETDEV: u32 = 2;
 
-/// A connection the node's stack carries: its packets stay on the kernel path here.
+/// A connection the node's stack carries: its packets stay on the kernel path here. The
+/// entry lives until the kernel's conntrack has forgotten the connection (the agent
+/// checks), never evicted for a new one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowEntry {
-    /// Which program recorded it first: `RECORDED_TO_POD` or `RECORDED_TO_NETDEV`.
+    /// Which program recorded it first: `RECORDED_TO_POD` or `RECORDED_TO_NETDEV`
+    /// (`RECORDED_BY_AGENT` when the agent copied it from conntrack).
     pub recorded_by: u32,
+    pub _pad: u32,
+    /// When it was recorded (CLOCK_MONOTONIC ns, `bpf_ktime_get_ns`).
+    pub recorded_ns: u64,
+}
+
+/// The agent copied the connection from the kernel's conntrack table (see `stack_pods`).
+pub const RECORDED_BY_AGENT: u32 = 3;
+
+/// A local pod whose stack connection could not be recorded (`stack_flows` full): all of
+/// its traffic takes the kernel path until the agent has recorded every connection
+/// conntrack holds for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackPod {
+    /// When a recording last failed (CLOCK_MONOTONIC ns).
+    pub since_ns: u64,
 }
 
 /// `DataplaneConfig::flags`: the fast path is off, every packet takes the kernel path
@@ -411,11 +435,16 @@ pub enum Counter {
     NatFastOut = 20,
     /// Replies of a translated flow delivered straight into the pod (from_netdev).
     NatFastIn = 21,
+    /// A connection of the stack's that `stack_flows` had no room for: its pod was put
+    /// on the kernel path (`stack_pods`) instead of risking a wrong redirect.
+    FlowTableFull = 22,
+    /// Packets of a pod in `stack_pods` left to the kernel path.
+    PodOnStack = 23,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 22] = [
+    pub const ALL: [Counter; 24] = [
         Counter::Encap,
         Counter::DirectOut,
         Counter::Decap,
@@ -438,6 +467,8 @@ impl Counter {
         Counter::NatFallback,
         Counter::NatFastOut,
         Counter::NatFastIn,
+        Counter::FlowTableFull,
+        Counter::PodOnStack,
     ];
 
     /// The slot of this counter in the `counters` map.
@@ -470,6 +501,8 @@ impl Counter {
             Counter::NatFallback => "nat_fallback",
             Counter::NatFastOut => "nat_fast_out",
             Counter::NatFastIn => "nat_fast_in",
+            Counter::FlowTableFull => "flow_table_full",
+            Counter::PodOnStack => "pod_on_stack",
         }
     }
 }
@@ -489,6 +522,7 @@ mod pod {
     unsafe impl aya::Pod for DataplaneConfig {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for StackPod {}
     unsafe impl aya::Pod for NatKey {}
     unsafe impl aya::Pod for NatEntry {}
     unsafe impl aya::Pod for NatState {}

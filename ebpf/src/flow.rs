@@ -8,6 +8,15 @@
 //! are seen where it hands them on: `to_pod` (delivered into a local pod) and `to_netdev`
 //! (sent to another node, after NAT). Those record the connection in `stack_flows`;
 //! `from_pod` and `from_netdev` look every packet up there before they redirect it.
+//!
+//! The table must never forget a live connection, so it is not an LRU: a flood of new
+//! flows would evict a Service connection's entry and its replies would skip the un-DNAT.
+//! Only connections with a remote the fast path could redirect (a lease or a peer node)
+//! are recorded; the agent removes an entry once the kernel's conntrack no longer knows
+//! the connection (conntrack validated every packet that moved it, so spoofed RSTs or
+//! FINs cannot shorten it). If the table is full, the pod whose connection could not be
+//! recorded takes the kernel path for all its traffic (`stack_pods`) until the agent has
+//! copied its connections from conntrack: slower, never wrong.
 
 use aya_ebpf::programs::TcContext;
 use weft_common::FlowKey;

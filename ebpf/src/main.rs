@@ -90,7 +90,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     if maps::endpoint(ip.saddr).is_none_or(|e| e.ifindex != ifindex) {
         return pass_as(Counter::SourceNotPod);
     }
-    if let Some(verdict) = stack_verdict(&ctx, &ip, ETH_HLEN) {
+    if let Some(verdict) = stack_verdict(&ctx, &ip, ETH_HLEN, ip.saddr) {
         return verdict;
     }
     match lease.mode {
@@ -262,7 +262,7 @@ fn from_tunnel(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr, payload_off
         return pass();
     };
     // The stack's connections are decapsulated by flannel.<VNI>, into the stack.
-    if let Some(verdict) = stack_verdict(ctx, &inner, inner_off) {
+    if let Some(verdict) = stack_verdict(ctx, &inner, inner_off, inner.daddr) {
         return verdict;
     }
     match vxlan::decap(ctx, ip, &endpoint) {
@@ -291,7 +291,7 @@ fn from_route(ctx: &TcContext, cfg: &DataplaneConfig, mut ip: Ipv4Hdr) -> i32 {
     if !from_lease_node(ctx, cfg, &ip, &lease) {
         return pass_as(Counter::NotFromLeaseNode);
     }
-    if let Some(verdict) = stack_verdict(ctx, &ip, ETH_HLEN) {
+    if let Some(verdict) = stack_verdict(ctx, &ip, ETH_HLEN, ip.daddr) {
         return verdict;
     }
     csum::dec_ttl(&mut ip);
@@ -332,9 +332,7 @@ fn from_lease_node(
 pub fn to_pod(ctx: TcContext) -> i32 {
     // Only the stack's packets get here: the fast path enters the pod past this hook.
     if let Some(ip) = parse::ipv4(&ctx) {
-        if let Some(key) = flow::key_of(&ctx, &ip, ETH_HLEN) {
-            record(&key, RECORDED_TO_POD);
-        }
+        record(&ctx, &ip, ETH_HLEN, ip.daddr, ip.saddr, RECORDED_TO_POD);
     }
     TC_ACT_UNSPEC
 }
@@ -378,22 +376,43 @@ fn record_from_pod(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize) {
     if maps::endpoint(ip.saddr).is_none() {
         return;
     }
-    if let Some(key) = flow::key_of(ctx, ip, l3_off) {
-        record(&key, RECORDED_TO_NETDEV);
+    record(ctx, ip, l3_off, ip.saddr, ip.daddr, RECORDED_TO_NETDEV);
+}
+
+/// Records the connection of a packet the stack carries between the local pod `pod` and
+/// `remote`, if the fast path could otherwise carry its other packets: only a remote in a
+/// lease (a pod on another node) or a peer node's own address can be redirected, so the
+/// rest (the outside, the underlay) never takes room. With no room left, the pod takes
+/// the kernel path for all its traffic (`stack_pods`) rather than have this connection's
+/// packets redirected past the stack that translates them.
+#[inline(always)]
+fn record(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize, pod: [u8; 4], remote: [u8; 4], by: u32) {
+    if maps::lease(remote).is_none() && !maps::is_peer(remote) {
+        return;
+    }
+    let Some(key) = flow::key_of(ctx, ip, l3_off) else {
+        return;
+    };
+    // SAFETY: a helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match maps::record_stack_flow(&key, by, now) {
+        maps::Recorded::New => count(Counter::FlowRecorded),
+        maps::Recorded::Known => {}
+        maps::Recorded::NoRoom => {
+            maps::put_pod_on_stack(pod, now);
+            count(Counter::FlowTableFull);
+        }
     }
 }
 
+/// `Some(verdict)` for a packet of the local pod `pod` that the kernel path must carry:
+/// one whose connection the stack carries, of a pod whose connections could not all be
+/// recorded, or that cannot be told apart (fragments, ICMP errors).
 #[inline(always)]
-fn record(key: &weft_common::FlowKey, recorded_by: u32) {
-    if maps::record_stack_flow(key, recorded_by) {
-        count(Counter::FlowRecorded);
+fn stack_verdict(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize, pod: [u8; 4]) -> Option<i32> {
+    if maps::pod_on_stack(pod) {
+        return Some(pass_as(Counter::PodOnStack));
     }
-}
-
-/// `Some(verdict)` for a pod packet the kernel path must carry: one whose connection the
-/// stack carries, or that cannot be told apart (fragments, ICMP errors).
-#[inline(always)]
-fn stack_verdict(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize) -> Option<i32> {
     match flow::key_of(ctx, ip, l3_off) {
         None => Some(pass()),
         Some(key) if flow::is_stack_flow(&key) => Some(stack_flow()),

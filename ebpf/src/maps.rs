@@ -26,12 +26,14 @@ use aya_ebpf::{
 };
 use weft_common::{
     DataplaneConfig, EndpointEntry, EndpointKey, FlowEntry, FlowKey, LeaseEntry, NatClaim,
-    NatEntry, NatKey, NatState, PeerEntry, PeerKey, COUNTER_SLOTS, MAX_ENDPOINTS, MAX_LEASES,
+    NatEntry, NatKey, NatState, PeerEntry, PeerKey, StackPod, COUNTER_SLOTS, MAX_ENDPOINTS, MAX_LEASES,
     MAX_NAT, MAX_NAT_CLAIMS, MAX_NAT_EXCLUDE, MAX_STACK_FLOWS,
 };
 
 /// LIBBPF_PIN_BY_NAME (libbpf.h): pin the map as `<pin dir>/<map name>`.
 const PIN_BY_NAME: usize = 1;
+/// -EEXIST, as a map update returns it.
+const EEXIST: i64 = -17;
 
 /// A BTF map definition. Each field encodes one attribute for the loader:
 /// integers as the length of the pointed-to array, key and value as the
@@ -89,16 +91,21 @@ impl<K, V, const T: usize, const M: usize, const F: usize, const P: usize>
     /// Stores `value` under `key` with update `flags`; true if it was stored.
     #[inline(always)]
     fn update(&self, key: &K, value: &V, flags: u64) -> bool {
+        self.update_errno(key, value, flags) == 0
+    }
+
+    /// `bpf_map_update_elem`'s result: 0, or a negative errno.
+    #[inline(always)]
+    fn update_errno(&self, key: &K, value: &V, flags: u64) -> i64 {
         // SAFETY: `self` is a map the loader relocated; key and value have its types.
-        let ret = unsafe {
+        unsafe {
             bpf_map_update_elem(
                 ptr::from_ref(self).cast_mut().cast::<c_void>(),
                 ptr::from_ref(key).cast(),
                 ptr::from_ref(value).cast(),
                 flags,
             )
-        };
-        ret == 0
+        }
     }
 
     /// Stores `value` under `key` unless the key is there already; true if it was stored.
@@ -188,13 +195,26 @@ static COUNTERS: MapDef<
 > = MapDef::new();
 
 /// Connections the node's stack carries (see `flow`): written by the programs, read by
-/// the programs; the least recently used go first when it is full.
+/// the programs, removed by the agent once conntrack has forgotten them. Never evicted:
+/// an entry lost while its connection lives would send that connection's replies past
+/// the stack that translates them.
 #[btf_map(name = "stack_flows")]
 static STACK_FLOWS: MapDef<
     FlowKey,
     FlowEntry,
-    { BPF_MAP_TYPE_LRU_HASH as usize },
+    { BPF_MAP_TYPE_HASH as usize },
     { MAX_STACK_FLOWS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+    PIN_BY_NAME,
+> = MapDef::new();
+
+/// Local pods with a stack connection `stack_flows` had no room for (see `flow`).
+#[btf_map(name = "stack_pods")]
+static STACK_PODS: MapDef<
+    EndpointKey,
+    StackPod,
+    { BPF_MAP_TYPE_HASH as usize },
+    { MAX_ENDPOINTS as usize },
     0,
     PIN_BY_NAME,
 > = MapDef::new();
@@ -363,14 +383,48 @@ pub fn counter_slot(index: u32) -> Option<*mut u64> {
     COUNTERS.lookup(&index)
 }
 
-/// Whether `key` is a connection the stack carries (a lookup also keeps it fresh in the LRU).
+/// Whether `key` is a connection the stack carries.
 #[inline(always)]
 pub fn stack_flow(key: &FlowKey) -> bool {
     STACK_FLOWS.lookup(key).is_some()
 }
 
-/// Records `key` as a connection the stack carries; true if it was not recorded yet.
+/// What became of a connection to record.
+pub enum Recorded {
+    New,
+    Known,
+    /// `stack_flows` had no room (or no memory) for it.
+    NoRoom,
+}
+
+/// Records `key` as a connection the stack carries.
 #[inline(always)]
-pub fn record_stack_flow(key: &FlowKey, recorded_by: u32) -> bool {
-    !stack_flow(key) && STACK_FLOWS.insert_new(key, &FlowEntry { recorded_by })
+pub fn record_stack_flow(key: &FlowKey, recorded_by: u32, now_ns: u64) -> Recorded {
+    if stack_flow(key) {
+        return Recorded::Known;
+    }
+    let entry = FlowEntry {
+        recorded_by,
+        _pad: 0,
+        recorded_ns: now_ns,
+    };
+    match STACK_FLOWS.update_errno(key, &entry, BPF_NOEXIST.into()) {
+        0 => Recorded::New,
+        // Another CPU recorded it first.
+        EEXIST => Recorded::Known,
+        _ => Recorded::NoRoom,
+    }
+}
+
+/// Whether the pod `ip` takes the kernel path for all its traffic (`stack_pods`).
+#[inline(always)]
+pub fn pod_on_stack(ip: [u8; 4]) -> bool {
+    STACK_PODS.lookup(&EndpointKey { pod_ip: ip }).is_some()
+}
+
+/// Puts the pod `ip` on the kernel path for all its traffic. The map holds one entry per
+/// possible local pod, so this cannot run out of room.
+#[inline(always)]
+pub fn put_pod_on_stack(ip: [u8; 4], now_ns: u64) {
+    STACK_PODS.set(&EndpointKey { pod_ip: ip }, &StackPod { since_ns: now_ns });
 }

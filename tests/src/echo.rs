@@ -102,7 +102,8 @@ fn serve(socket: Socket, stop: &AtomicBool) {
             // An accept that times out (SO_RCVTIMEO) is the moment to look at the stop flag.
             Socket::Tcp(listener) => {
                 if let Ok((mut stream, peer)) = listener.accept() {
-                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    // Long enough for a held connection that idles while a test waits.
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
                     // Echo line by line until the client closes, each answer naming the peer.
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 2048];
@@ -349,4 +350,29 @@ pub fn converse(
         }
         Ok(lines)
     })
+}
+
+/// Asks `dst` (a UDP [`EchoServer`]) once from each source port of `ports`, from namespace
+/// `ns`, waiting up to a second for each answer on the socket that asked: a burst of new
+/// flows, as a stub resolver asking from a fresh port per query makes. Returns how many
+/// were answered (an answer whose translation was not undone never reaches the socket).
+pub fn udp_queries(ns: &str, dst: SocketAddrV4, ports: std::ops::Range<u16>) -> Result<usize> {
+    in_netns(ns, move || {
+        let mut answered = 0;
+        let mut buf = [0u8; 256];
+        for port in ports {
+            let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+                .with_context(|| format!("binding UDP port {port}"))?;
+            socket.connect(dst)?;
+            socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+            socket
+                .send(b"query\n")
+                .with_context(|| format!("sending to {dst} from port {port}"))?;
+            if socket.recv(&mut buf).is_ok() {
+                answered += 1;
+            }
+        }
+        Ok(answered)
+    })
+    .with_context(|| format!("in {ns}"))
 }

@@ -136,11 +136,10 @@ fn kubernetes_traffic_on_bpf_vxlan_with_iptables_kube_proxy() {
 #[test]
 fn kubernetes_traffic_on_bpf_vxlan_with_the_masquerade_fast_path() {
     let mut config = config(Backend::Vxlan, Dataplane::Bpf, false);
-    config
-        .node_agent_args
-        .get_mut(&1)
-        .unwrap()
-        .push("--masquerade-fast-path".to_string());
+    config.node_agent_args.get_mut(&1).unwrap().extend([
+        "--masquerade=bpf".to_string(),
+        "--masquerade-fast-path".to_string(),
+    ]);
     matrix(config, ProxyMode::Iptables);
 }
 

@@ -13,6 +13,7 @@
 pub mod bpffs;
 pub mod dataplane;
 pub mod endpoints;
+pub mod flows;
 pub mod nat;
 pub mod object;
 pub mod policy;
@@ -61,8 +62,10 @@ pub struct BpfOptions {
     /// `--bpf-stale-after`: how long the programs trust maps the agent no longer refreshes
     /// (zero: forever).
     pub stale_after: std::time::Duration,
-    /// Source NAT by the programs (`--ip-masq` with `--masquerade bpf|auto`).
+    /// Source NAT by the programs (`--ip-masq` with `--masquerade bpf`).
     pub nat: Option<nat::NatSettings>,
+    /// `--bpf-stack-flows-size` (None: from the kernel's conntrack size).
+    pub stack_flows: Option<u32>,
 }
 
 impl BpfOptions {
@@ -96,7 +99,8 @@ pub async fn select_dataplane(
             object,
             &options.dir,
             object::MapSizes::for_network(conf.network.prefix(), conf.subnet_len)
-                .with_nat(options.nat.as_ref().map(|n| n.table_size)),
+                .with_nat(options.nat.as_ref().map(|n| n.table_size))
+                .with_stack_flows(options.stack_flows),
         ) {
             Ok(ebpf) => {
                 let dataplane =

@@ -10,6 +10,7 @@ use tracing::{debug, warn};
 
 use weft_common::{
     ALL_MAPS, ALL_PROGRAMS, MAP_ENDPOINTS, MAP_LEASES, MAP_NAT, MAP_NAT_REVERSE, MAP_PEERS,
+    MAP_STACK_FLOWS, MAP_STACK_PODS,
 };
 
 use super::bpffs;
@@ -37,6 +38,8 @@ pub struct MapSizes {
     /// `nat` and `nat_reverse`: `--masquerade-table-size`, the minimum when the programs
     /// do no source NAT.
     pub nat: u32,
+    /// `stack_flows`: what the kernel's conntrack can hold (see [`super::flows`]).
+    pub stack_flows: u32,
 }
 
 impl MapSizes {
@@ -53,6 +56,7 @@ impl MapSizes {
             leases: clamp(subnets, Self::MAX_LEASES),
             endpoints: clamp(addresses, Self::MAX_ENDPOINTS),
             nat: Self::MIN,
+            stack_flows: super::flows::table_size(),
         }
     }
 
@@ -64,10 +68,21 @@ impl MapSizes {
         }
     }
 
+    /// With a `stack_flows` of `size` entries (None: [`super::flows::table_size`]).
+    pub fn with_stack_flows(self, size: Option<u32>) -> MapSizes {
+        MapSizes {
+            stack_flows: size.unwrap_or(self.stack_flows),
+            ..self
+        }
+    }
+
     fn apply(&self, loader: &mut EbpfLoader) {
         loader.map_max_entries(MAP_LEASES, self.leases);
         loader.map_max_entries(MAP_PEERS, self.leases);
         loader.map_max_entries(MAP_ENDPOINTS, self.endpoints);
+        // One entry per possible local pod: putting a pod on the kernel path cannot fail.
+        loader.map_max_entries(MAP_STACK_PODS, self.endpoints);
+        loader.map_max_entries(MAP_STACK_FLOWS, self.stack_flows);
         loader.map_max_entries(MAP_NAT, self.nat);
         loader.map_max_entries(MAP_NAT_REVERSE, self.nat);
     }

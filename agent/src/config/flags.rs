@@ -147,10 +147,12 @@ pub struct AgentArgs {
     #[arg(long, env = "WEFT_FIREWALL", value_enum, default_value = "auto")]
     pub firewall: crate::masq::FirewallChoice,
 
-    /// Who source-NATs pod traffic leaving the cluster (with --ip-masq): the BPF
-    /// programs (bpf), or the firewall's masquerade rule (nftables, iptables). auto: bpf
-    /// where the BPF dataplane runs, else the firewall. With bpf the firewall's rule stays,
-    /// as the fallback for what the programs leave to it.
+    /// Who source-NATs pod traffic leaving the cluster (with --ip-masq): the firewall's
+    /// masquerade rule (auto, nftables, iptables), or, experimental, the BPF programs
+    /// (bpf; the BPF dataplane only), with the firewall's rule kept as their fallback.
+    /// auto stays on the kernel's masquerade until BPF source NAT holds every invariant
+    /// of conntrack's (ports unique against the node's other NAT, no drop when its ports
+    /// run out, mappings that outlive their flows).
     #[arg(long, env = "WEFT_MASQUERADE", value_enum, default_value = "auto")]
     pub masquerade: crate::masq::MasqueradeChoice,
 
@@ -196,6 +198,14 @@ pub struct AgentArgs {
     /// are hitless.
     #[arg(long, env = "WEFT_BPF_STALE_AFTER", default_value_t = 60)]
     pub bpf_stale_after: u64,
+
+    /// Connections the fast path can remember as the stack's (Service, hostPort and other
+    /// translated connections of local pods with pods on other nodes); 0: as many as the
+    /// kernel's conntrack holds (nf_conntrack_max). When it is full, a pod with a
+    /// connection it could not record takes the kernel path until there is room.
+    #[arg(long, env = "WEFT_BPF_STACK_FLOWS_SIZE", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=2_097_152))]
+    pub bpf_stack_flows_size: u32,
 
     /// The bridge pods are attached to: its ports get the eBPF program `from_pod`.
     #[arg(long, env = "WEFT_POD_BRIDGE", default_value = "cni0")]

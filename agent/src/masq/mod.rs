@@ -36,9 +36,12 @@ pub struct MasqSpec {
 /// `--masquerade`: who source-NATs pod traffic leaving the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum MasqueradeChoice {
-    /// The BPF programs where the BPF dataplane runs, else the firewall.
+    /// The firewall's masquerade rule (nftables or iptables, as `--firewall` picks): the
+    /// kernel's conntrack chooses every port, so no other NAT on the node can collide with
+    /// it. BPF source NAT does not yet hold every invariant conntrack does (see the README's
+    /// "Failure and attack"), so it is not the default.
     Auto,
-    /// The BPF programs (the firewall's rule stays as their fallback).
+    /// Experimental: the BPF programs (the firewall's rule stays as their fallback).
     Bpf,
     /// nftables' masquerade rule.
     Nftables,

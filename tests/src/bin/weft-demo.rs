@@ -3,7 +3,7 @@
 //! kube-proxy's rules for a Service; prints the lease table, the dataplane each node chose,
 //! the pod-to-pod ping matrix with the fast-path counters that carried it, and a call to
 //! the Service from a pod on another node than its backend, and a call to a host outside the
-//! cluster (`--ip-masq`: the BPF source NAT where it runs). Removes everything, and exits
+//! cluster (`--ip-masq`: the firewall's masquerade). Removes everything, and exits
 //! non-zero if anything failed.
 //! Run as root after `cargo build -p weft --bins` (or with WEFT_BIN_DIR set).
 
@@ -159,7 +159,8 @@ fn demo() -> Result<bool> {
             println!("  no answer: {e:#}");
         }
     }
-    // Leaving the cluster: --ip-masq, done by the BPF programs where they run.
+    // Leaving the cluster: --ip-masq, the firewall's masquerade (BPF source NAT only with
+    // --masquerade=bpf, experimental).
     let outside = SocketAddrV4::new(EXTERNAL_HOST, SERVICE_PORT);
     let _external = EchoServer::start(lab.fabric_ns(), outside, Protocol::Tcp)?;
     let before = lab.bpf_counters(client.node).ok();
