@@ -50,7 +50,7 @@ impl Dataplane {
         ext: &ExtIface,
         handle: rtnetlink::Handle,
     ) -> Self {
-        let config = PlanConfig::new(conf.network, conf.backend.clone(), ext);
+        let config = PlanConfig::for_netconf(conf, ext);
         Self::new(backend, config, ext, handle)
     }
 
@@ -64,6 +64,17 @@ impl Dataplane {
     /// Configures the node for its own lease (see [`Backend::configure`]).
     pub async fn configure(&mut self, own: &Lease) -> Result<()> {
         self.config.own = Some(own.subnet);
+        if let Some(len) = self.config.subnet_len.filter(|l| *l != own.subnet.prefix()) {
+            // Only with --kube-subnet-mgr (an etcd lease always has SubnetLen): the
+            // kube-controller-manager's podCIDR size is what every node's lease has.
+            info!(
+                subnet_len = len,
+                podcidr = %own.subnet,
+                "this node's lease is not a /{len} (SubnetLen): peers' leases must have its size, /{}",
+                own.subnet.prefix()
+            );
+            self.config.subnet_len = Some(own.subnet.prefix());
+        }
         self.backend.configure(own).await
     }
 

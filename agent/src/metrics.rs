@@ -673,6 +673,8 @@ weft_leases_rejected{{reason="not_on_link"}} 0
 weft_leases_rejected{{reason="outside_network"}} 0
 weft_leases_rejected{{reason="overlap"}} 0
 weft_leases_rejected{{reason="public_ip"}} 0
+weft_leases_rejected{{reason="subnet_len"}} 0
+weft_leases_rejected{{reason="subnet_range"}} 0
 weft_leases_rejected{{reason="vtep_mac"}} 0
 weft_leases_rejected{{reason="vtep_mac_shared"}} 0
 # HELP weft_resync_failures_total Resyncs that left something unprogrammed (retried at the next interval).

@@ -54,6 +54,10 @@ pub enum Rejection {
     BadVtepMac(MacAddr),
     DefaultRoute,
     OutsideNetwork(Ipv4Network),
+    /// Its prefix length (first) is not the one every lease of the network has (second).
+    WrongSubnetLen(u8, u8),
+    /// It lies outside SubnetMin..=SubnetMax.
+    OutsideSubnetRange(Ipv4Addr, Ipv4Addr),
     OverlapsOwn(Ipv4Network),
     OverlapsLease(Ipv4Network),
     CoversNodeNetwork(Ipv4Network),
@@ -72,6 +76,8 @@ impl Rejection {
             Rejection::NoVtepMac | Rejection::BadVtepMac(_) => "vtep_mac",
             Rejection::DefaultRoute => "default_route",
             Rejection::OutsideNetwork(_) => "outside_network",
+            Rejection::WrongSubnetLen(..) => "subnet_len",
+            Rejection::OutsideSubnetRange(..) => "subnet_range",
             Rejection::OverlapsOwn(_) | Rejection::OverlapsLease(_) => "overlap",
             Rejection::CoversNodeNetwork(_) | Rejection::CoversNodeIp(_) => "covers_node",
             Rejection::BadPublicIp(_) => "public_ip",
@@ -81,11 +87,13 @@ impl Rejection {
     }
 
     /// Every label, so that /metrics shows zeros too.
-    pub const LABELS: [&'static str; 9] = [
+    pub const LABELS: [&'static str; 11] = [
         "backend_type",
         "vtep_mac",
         "default_route",
         "outside_network",
+        "subnet_len",
+        "subnet_range",
         "overlap",
         "covers_node",
         "public_ip",
@@ -104,6 +112,17 @@ impl fmt::Display for Rejection {
             }
             Rejection::DefaultRoute => write!(f, "it is the default route 0.0.0.0/0"),
             Rejection::OutsideNetwork(net) => write!(f, "it is not inside Network {net}"),
+            Rejection::WrongSubnetLen(len, want) => write!(
+                f,
+                "its prefix length /{len} is not the /{want} of this network's leases (SubnetLen; \
+                 with --kube-subnet-mgr, the size of this node's podCIDR): no node allocates such \
+                 a lease, so delete it, or make SubnetLen (or the podCIDR size) agree"
+            ),
+            Rejection::OutsideSubnetRange(min, max) => write!(
+                f,
+                "it lies outside SubnetMin {min} .. SubnetMax {max} of the network config: \
+                 delete the lease, or widen SubnetMin/SubnetMax"
+            ),
             Rejection::OverlapsOwn(own) => write!(f, "it overlaps this node's lease {own}"),
             Rejection::OverlapsLease(other) => write!(
                 f,
@@ -138,6 +157,12 @@ pub struct PlanConfig {
     /// This node's VTEP MAC, once registered.
     pub own_vtep_mac: Option<MacAddr>,
     pub uplink: String,
+    /// The prefix length every lease has, when checked: SubnetLen (with the Kubernetes
+    /// subnet manager, the size of this node's podCIDR, which the kube-controller-manager
+    /// gives every node).
+    pub subnet_len: Option<u8>,
+    /// SubnetMin..=SubnetMax (network addresses), when the network config sets them.
+    pub subnet_range: Option<(Ipv4Addr, Ipv4Addr)>,
 }
 
 impl PlanConfig {
@@ -149,6 +174,20 @@ impl PlanConfig {
             own_ips: vec![ext.addr, ext.public_ip],
             own_vtep_mac: None,
             uplink: ext.name.clone(),
+            subnet_len: None,
+            subnet_range: None,
+        }
+    }
+
+    /// [`PlanConfig::new`] holding leases to net-conf.json's SubnetLen, and to SubnetMin
+    /// and SubnetMax where it sets them.
+    pub fn for_netconf(conf: &NetConf, ext: &ExtIface) -> Self {
+        PlanConfig {
+            subnet_len: Some(conf.subnet_len),
+            subnet_range: conf
+                .subnet_range_set
+                .then_some((conf.subnet_min, conf.subnet_max)),
+            ..PlanConfig::new(conf.network, conf.backend.clone(), ext)
         }
     }
 
@@ -325,6 +364,14 @@ pub fn plan<'a>(
             {
                 return Err(Rejection::OutsideNetwork(config.network));
             }
+            if let Some(want) = config.subnet_len.filter(|l| *l != subnet.prefix()) {
+                return Err(Rejection::WrongSubnetLen(subnet.prefix(), want));
+            }
+            if let Some((min, max)) = config.subnet_range {
+                if !(min..=max).contains(&subnet.network()) {
+                    return Err(Rejection::OutsideSubnetRange(min, max));
+                }
+            }
             if let Some(own) = config.own.filter(|own| overlaps(own, &subnet)) {
                 return Err(Rejection::OverlapsOwn(own));
             }
@@ -400,7 +447,9 @@ pub fn plan<'a>(
     }
 
     // Checks across leases: overlapping subnets, one VTEP MAC claimed by two nodes.
-    // Neither side can be told genuine, so both are left out.
+    // Neither side can be told genuine, so both are left out. Only leases valid on their
+    // own take part, so a malformed lease (say a /25 inside a peer's /24) never takes a
+    // valid one down with it.
     let mut bad: BTreeMap<Ipv4Network, Rejection> = BTreeMap::new();
     candidates.sort_by_key(|(l, _)| (l.subnet.network(), l.subnet.prefix()));
     let mut widest: Option<Ipv4Network> = None;
@@ -484,6 +533,8 @@ mod tests {
             own_ips: vec!["198.18.0.11".parse().unwrap()],
             own_vtep_mac: Some("0e:00:00:00:00:11".parse().unwrap()),
             uplink: "eth0".into(),
+            subnet_len: Some(24),
+            subnet_range: None,
         }
     }
 
@@ -559,11 +610,11 @@ mod tests {
             ),
             (
                 vx("10.244.0.0-16", "198.18.0.96", "0e:00:00:00:00:96"),
-                "overlap",
+                "subnet_len",
             ),
             (
                 vx("10.244.1.128-25", "198.18.0.95", "0e:00:00:00:00:95"),
-                "overlap",
+                "subnet_len",
             ),
             (
                 vx("10.244.5.0-24", "0.0.0.0", "0e:00:00:00:00:94"),
@@ -612,9 +663,22 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_overlapping_ours_is_rejected() {
+        let mut c = config(vxlan(false));
+        c.subnet_len = None; // as in a plan without SubnetLen
+        let plan = plan(
+            &[vx("10.244.1.128-25", "198.18.0.95", "0e:00:00:00:00:95")],
+            &c,
+            &facts(),
+        );
+        assert_eq!(reason(&plan, "10.244.1.128-25"), Some("overlap"));
+    }
+
+    #[test]
     fn a_lease_covering_the_underlay_or_a_node_is_rejected() {
         let mut c = config(vxlan(false));
         c.network = "0.0.0.0/0".parse().unwrap(); // a careless Network lets it through
+        c.subnet_len = None;
         let leases = [
             vx("198.18.0.0-25", "203.0.113.1", "0e:00:00:00:00:01"),
             vx("203.0.113.0-24", "203.0.113.1", "0e:00:00:00:00:02"),
@@ -635,13 +699,95 @@ mod tests {
             vx("10.244.9.0-24", "198.18.0.15", "0e:00:00:00:00:14"),
             vx("10.244.10.0-24", "198.18.0.16", "0e:00:00:00:00:16"),
         ];
-        let plan = plan(&leases, &config(vxlan(false)), &facts());
+        // Without a SubnetLen to check, the /23 is valid on its own and meets the /24.
+        let mut c = config(vxlan(false));
+        c.subnet_len = None;
+        let plan = plan(&leases, &c, &facts());
         assert_eq!(reason(&plan, "10.244.2.0-23"), Some("overlap"));
         assert_eq!(reason(&plan, "10.244.3.0-24"), Some("overlap"));
         assert_eq!(reason(&plan, "10.244.8.0-24"), Some("vtep_mac_shared"));
         assert_eq!(reason(&plan, "10.244.9.0-24"), Some("vtep_mac_shared"));
         assert_eq!(plan.peers.len(), 1);
         assert!(plan.peers.contains_key(&"10.244.10.0/24".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_lease_of_the_wrong_length_never_takes_a_valid_peer_down() {
+        // A /25 written over node 2's /24 (the hostile-lease report on host-gw).
+        let leases = [
+            lease("10.244.2.0-24", "198.18.0.12", "host-gw", None),
+            lease("10.244.2.128-25", "198.18.0.99", "host-gw", None),
+            lease("10.244.4.0-23", "198.18.0.98", "host-gw", None),
+        ];
+        let mut facts = facts();
+        facts.on_link.extend(
+            ["198.18.0.99", "198.18.0.98"]
+                .iter()
+                .map(|ip| (ip.parse().unwrap(), true)),
+        );
+        let plan = plan(&leases, &config(BackendConf::HostGw), &facts);
+        assert_eq!(reason(&plan, "10.244.2.128-25"), Some("subnet_len"));
+        assert_eq!(reason(&plan, "10.244.4.0-23"), Some("subnet_len"));
+        let peers: Vec<String> = plan.peers.keys().map(subnet_key).collect();
+        assert_eq!(peers, ["10.244.2.0-24"]);
+        let why = &plan.rejected[&leases[1].subnet].1;
+        assert_eq!(
+            why.to_string(),
+            "its prefix length /25 is not the /24 of this network's leases (SubnetLen; with \
+             --kube-subnet-mgr, the size of this node's podCIDR): no node allocates such a \
+             lease, so delete it, or make SubnetLen (or the podCIDR size) agree"
+        );
+        // Without the length check (no SubnetLen known), both would have been lost.
+        let mut c = config(BackendConf::HostGw);
+        c.subnet_len = None;
+        let unchecked = super::plan(&leases[..2], &c, &facts);
+        assert!(unchecked.peers.is_empty(), "{:?}", unchecked.peers);
+    }
+
+    #[test]
+    fn leases_outside_subnet_min_max_are_rejected_where_set() {
+        let leases = [
+            vx("10.244.2.0-24", "198.18.0.12", "0e:00:00:00:00:12"),
+            vx("10.244.10.0-24", "198.18.0.13", "0e:00:00:00:00:13"),
+            vx("10.244.20.0-24", "198.18.0.14", "0e:00:00:00:00:14"),
+            vx("10.244.21.0-24", "198.18.0.15", "0e:00:00:00:00:15"),
+        ];
+        let mut c = config(vxlan(false));
+        let all = plan(&leases, &c, &facts());
+        assert_eq!(all.peers.len(), 4, "no range set: {:?}", all.rejected);
+        c.subnet_range = Some((
+            "10.244.10.0".parse().unwrap(),
+            "10.244.20.0".parse().unwrap(),
+        ));
+        let ranged = plan(&leases, &c, &facts());
+        assert_eq!(reason(&ranged, "10.244.2.0-24"), Some("subnet_range"));
+        assert_eq!(reason(&ranged, "10.244.21.0-24"), Some("subnet_range"));
+        let peers: Vec<String> = ranged.peers.keys().map(subnet_key).collect();
+        assert_eq!(peers, ["10.244.10.0-24", "10.244.20.0-24"]);
+        assert_eq!(
+            ranged.rejected[&leases[0].subnet].1.to_string(),
+            "it lies outside SubnetMin 10.244.10.0 .. SubnetMax 10.244.20.0 of the network \
+             config: delete the lease, or widen SubnetMin/SubnetMax"
+        );
+    }
+
+    #[test]
+    fn the_config_holds_leases_to_subnet_len_and_a_set_range_only() {
+        let ext = ExtIface {
+            name: "eth0".into(),
+            index: 2,
+            addr: "198.18.0.11".parse().unwrap(),
+            public_ip: "198.18.0.11".parse().unwrap(),
+            mtu: 1500,
+        };
+        let conf = NetConf::parse(r#"{"Network": "10.244.0.0/16", "SubnetLen": 25}"#).unwrap();
+        let c = PlanConfig::for_netconf(&conf, &ext);
+        assert_eq!((c.subnet_len, c.subnet_range), (Some(25), None));
+        let conf =
+            NetConf::parse(r#"{"Network": "10.244.0.0/16", "SubnetMax": "10.244.9.0"}"#).unwrap();
+        let c = PlanConfig::for_netconf(&conf, &ext);
+        let range = Some(("10.244.1.0".parse().unwrap(), "10.244.9.0".parse().unwrap()));
+        assert_eq!((c.subnet_len, c.subnet_range), (Some(24), range));
     }
 
     #[test]

@@ -236,6 +236,7 @@ fn vxlan_conf(direct_routing: bool) -> NetConf {
         subnet_len: 24,
         subnet_min: Ipv4Addr::new(10, 244, 1, 0),
         subnet_max: Ipv4Addr::new(10, 244, 255, 0),
+        subnet_range_set: false,
         enable_nftables: None,
         backend: BackendConf::Vxlan(VxlanConf {
             vni: 1,

@@ -19,6 +19,9 @@ pub struct NetConf {
     pub subnet_len: u8,
     pub subnet_min: Ipv4Addr,
     pub subnet_max: Ipv4Addr,
+    /// Whether net-conf.json sets SubnetMin or SubnetMax (rather than leaving flannel's
+    /// defaults): only then are peers' leases held to the range.
+    pub subnet_range_set: bool,
     /// `EnableNFTables`: Some(true) requires nftables, Some(false) iptables (as flannel);
     /// unset lets `--firewall` decide.
     pub enable_nftables: Option<bool>,
@@ -173,6 +176,7 @@ impl NetConf {
                 }
                 Ok(ip)
             };
+        let subnet_range_set = raw.subnet_min.is_some() || raw.subnet_max.is_some();
         let subnet_min = bound("SubnetMin", raw.subnet_min, base + size)?;
         let subnet_max = bound("SubnetMax", raw.subnet_max, last)?;
         if subnet_min > subnet_max {
@@ -212,6 +216,7 @@ impl NetConf {
             subnet_len,
             subnet_min,
             subnet_max,
+            subnet_range_set,
             enable_nftables: raw.enable_nftables,
             backend,
             warnings,
@@ -305,6 +310,7 @@ mod tests {
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 244, 1, 0));
         assert_eq!(c.subnet_max, Ipv4Addr::new(10, 244, 255, 0));
+        assert!(!c.subnet_range_set);
         assert_eq!(c.enable_nftables, None);
         assert_eq!(
             c.backend,
@@ -331,6 +337,7 @@ mod tests {
         assert_eq!(c.subnet_len, 26);
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 5, 1, 0));
         assert_eq!(c.subnet_max, Ipv4Addr::new(10, 5, 20, 192));
+        assert!(c.subnet_range_set);
         assert_eq!(c.enable_nftables, Some(true));
         assert_eq!(
             c.backend,

@@ -463,7 +463,18 @@ impl SubnetManager for KubeSubnetManager {
                 })
             }
         };
-        NetConf::parse(&text).with_context(|| format!("{} (--net-config-path)", path.display()))
+        let mut conf = NetConf::parse(&text)
+            .with_context(|| format!("{} (--net-config-path)", path.display()))?;
+        if conf.subnet_range_set {
+            // As flannel: the kube-controller-manager allocates podCIDRs, not SubnetMin/Max.
+            conf.subnet_range_set = false;
+            conf.warnings.push(format!(
+                "{}: SubnetMin and SubnetMax are ignored with --kube-subnet-mgr (the \
+                 kube-controller-manager allocates podCIDRs from its --cluster-cidr): remove them",
+                path.display()
+            ));
+        }
+        Ok(conf)
     }
 
     async fn previous_lease(&self, public_ip: Ipv4Addr) -> Result<Option<Lease>> {
@@ -601,6 +612,21 @@ mod tests {
         assert_eq!(
             manager.network_config().await.unwrap().network,
             "10.244.0.0/16".parse().unwrap()
+        );
+        // SubnetMin/Max mean nothing to the kube-controller-manager: ignored, said so.
+        std::fs::write(
+            &missing,
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.8.0","Backend":{"Type":"host-gw"}}"#,
+        )
+        .unwrap();
+        let conf = manager.network_config().await.unwrap();
+        assert!(!conf.subnet_range_set);
+        assert!(
+            conf.warnings
+                .iter()
+                .any(|w| w.contains("SubnetMin and SubnetMax are ignored")),
+            "{:?}",
+            conf.warnings
         );
         std::fs::write(&missing, r#"{"Backend":{"Type":"vxlan"}}"#).unwrap();
         let e = format!("{:#}", manager.network_config().await.unwrap_err());
