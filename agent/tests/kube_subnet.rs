@@ -155,6 +155,36 @@ async fn next_event(rx: &mut mpsc::Receiver<LeaseWatchEvent>) -> LeaseWatchEvent
         .expect("the watch ended")
 }
 
+/// Connects as `own_node` (podCIDR 10.244.1.0/24), acquires and watches: the first
+/// snapshot, the events that follow and the watch.
+async fn watch_as(
+    c: &Cluster,
+    own_node: &str,
+) -> (
+    Vec<Lease>,
+    mpsc::Receiver<LeaseWatchEvent>,
+    JoinHandle<Result<()>>,
+) {
+    let manager = c.connect(own_node).await.unwrap();
+    let own = manager
+        .acquire_lease(&vxlan_attrs(OWN_IP, OWN_MAC))
+        .await
+        .unwrap();
+    let (mut rx, watch) = spawn_watch(manager, own);
+    let LeaseWatchEvent::Snapshot(first) = next_event(&mut rx).await else {
+        panic!("the watch must start with a snapshot");
+    };
+    (first, rx, watch)
+}
+
+/// The next event, which must add or change a lease.
+async fn next_added(rx: &mut mpsc::Receiver<LeaseWatchEvent>, what: &str) -> Lease {
+    match next_event(rx).await {
+        LeaseWatchEvent::Event(LeaseEvent::Added(l)) => l,
+        other => panic!("expected {what}, got {other:?}"),
+    }
+}
+
 async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
     while !condition() {
@@ -323,16 +353,7 @@ async fn other_nodes_become_leases_and_go_away() {
     ));
     // A node no flannel-compatible agent runs on yet.
     c.create(node("n4", Some("10.244.4.0/24")));
-    let manager = c.connect("n1").await.unwrap();
-    let own = manager
-        .acquire_lease(&vxlan_attrs(OWN_IP, OWN_MAC))
-        .await
-        .unwrap();
-    let (mut rx, watch) = spawn_watch(manager, own);
-
-    let LeaseWatchEvent::Snapshot(first) = next_event(&mut rx).await else {
-        panic!("the watch must start with a snapshot");
-    };
+    let (first, mut rx, watch) = watch_as(&c, "n1").await;
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].subnet, net("10.244.2.0/24"));
     assert_eq!(first[0].attrs.public_ip, Ipv4Addr::new(198, 18, 0, 12));
@@ -347,15 +368,11 @@ async fn other_nodes_become_leases_and_go_away() {
         "198.18.0.13",
         "de:ad:be:ef:00:03",
     ));
-    match next_event(&mut rx).await {
-        LeaseWatchEvent::Event(LeaseEvent::Added(l)) => {
-            assert_eq!(
-                (l.subnet, l.attrs.public_ip),
-                (net("10.244.3.0/24"), Ipv4Addr::new(198, 18, 0, 13))
-            )
-        }
-        other => panic!("expected n3 added, got {other:?}"),
-    }
+    let l = next_added(&mut rx, "n3 added").await;
+    assert_eq!(
+        (l.subnet, l.attrs.public_ip),
+        (net("10.244.3.0/24"), Ipv4Addr::new(198, 18, 0, 13))
+    );
     // Losing an annotation makes the node no peer.
     c.patch(
         "n3",
@@ -373,15 +390,11 @@ async fn other_nodes_become_leases_and_go_away() {
         "n2",
         json!({"metadata": {"annotations": {format!("{P}public-ip-overwrite"): "203.0.113.2"}}}),
     );
-    match next_event(&mut rx).await {
-        LeaseWatchEvent::Event(LeaseEvent::Added(l)) => {
-            assert_eq!(
-                (l.subnet, l.attrs.public_ip),
-                (net("10.244.2.0/24"), Ipv4Addr::new(203, 0, 113, 2))
-            )
-        }
-        other => panic!("expected n2 changed, got {other:?}"),
-    }
+    let l = next_added(&mut rx, "n2 changed").await;
+    assert_eq!(
+        (l.subnet, l.attrs.public_ip),
+        (net("10.244.2.0/24"), Ipv4Addr::new(203, 0, 113, 2))
+    );
     c.emulator.delete_node("n2").unwrap();
     assert_eq!(
         next_event(&mut rx).await,
@@ -397,14 +410,82 @@ async fn other_nodes_become_leases_and_go_away() {
             format!("{P}public-ip"): "198.18.0.14"
         }}}),
     );
-    match next_event(&mut rx).await {
-        LeaseWatchEvent::Event(LeaseEvent::Added(l)) => {
-            assert_eq!(l.subnet, net("10.244.4.0/24"));
-            assert_eq!(l.attrs.backend_type, "host-gw");
-            assert_eq!(l.attrs.backend_data, None);
-        }
-        other => panic!("expected n4 added, got {other:?}"),
-    }
+    let l = next_added(&mut rx, "n4 added").await;
+    assert_eq!(l.subnet, net("10.244.4.0/24"));
+    assert_eq!(l.attrs.backend_type, "host-gw");
+    assert_eq!(l.attrs.backend_data, None);
+    watch.abort();
+}
+
+/// Waits until the clock is past the second `name` was created in (creationTimestamp has
+/// one-second resolution), so that a node created next is younger.
+async fn after_creation_second_of(c: &Cluster, name: &str) {
+    let created = c.emulator.node(name).unwrap().metadata.creation_timestamp;
+    let created = created.expect("the API server sets creationTimestamp").0;
+    wait_until("the next second", || {
+        k8s_openapi::jiff::Timestamp::now().as_second() > created.as_second()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_with_one_pod_cidr_yield_the_older_ones_lease() {
+    let c = Cluster::start(vec![]).await;
+    c.create(node("n1", Some("10.244.1.0/24")));
+    // The older node's name sorts last, so a tie-break by name alone would pick the other.
+    c.create(flannel_node(
+        "zz-old",
+        "10.244.2.0/24",
+        "198.18.0.12",
+        "de:ad:be:ef:00:12",
+    ));
+    after_creation_second_of(&c, "zz-old").await;
+    c.create(flannel_node(
+        "aa-new",
+        "10.244.2.0/24",
+        "198.18.0.22",
+        "de:ad:be:ef:00:22",
+    ));
+    // A younger node claiming this node's own subnet is no peer at all.
+    c.create(flannel_node(
+        "aa-own",
+        "10.244.1.0/24",
+        "198.18.0.21",
+        "de:ad:be:ef:00:21",
+    ));
+    let (first, mut rx, watch) = watch_as(&c, "n1").await;
+    let got: Vec<(Ipv4Network, Ipv4Addr)> = first
+        .iter()
+        .map(|l| (l.subnet, l.attrs.public_ip))
+        .collect();
+    assert_eq!(got, [(net("10.244.2.0/24"), Ipv4Addr::new(198, 18, 0, 12))]);
+
+    // The younger node changing its lease changes nothing; the older one leaving brings
+    // the younger one's (changed) lease in.
+    c.patch(
+        "aa-new",
+        json!({"metadata": {"annotations": {format!("{P}public-ip-overwrite"): "203.0.113.22"}}}),
+    );
+    c.emulator.delete_node("zz-old").unwrap();
+    let l = next_added(&mut rx, "aa-new's lease").await;
+    assert_eq!(
+        (l.subnet, l.attrs.public_ip),
+        (net("10.244.2.0/24"), Ipv4Addr::new(203, 0, 113, 22))
+    );
+    // Nothing else came in between: the next event is a new node's.
+    c.create(flannel_node(
+        "n3",
+        "10.244.3.0/24",
+        "198.18.0.13",
+        "de:ad:be:ef:00:03",
+    ));
+    let l = next_added(&mut rx, "n3 added").await;
+    assert_eq!(l.subnet, net("10.244.3.0/24"));
+    c.emulator.delete_node("aa-new").unwrap();
+    assert_eq!(
+        next_event(&mut rx).await,
+        LeaseWatchEvent::Event(LeaseEvent::Removed(net("10.244.2.0/24")))
+    );
     watch.abort();
 }
 
@@ -503,15 +584,7 @@ async fn an_api_server_outage_keeps_the_table_and_the_watch_recovers() {
         "198.18.0.12",
         "de:ad:be:ef:00:02",
     ));
-    let manager = c.connect("n1").await.unwrap();
-    let own = manager
-        .acquire_lease(&vxlan_attrs(OWN_IP, OWN_MAC))
-        .await
-        .unwrap();
-    let (mut rx, watch) = spawn_watch(manager, own);
-    let LeaseWatchEvent::Snapshot(first) = next_event(&mut rx).await else {
-        panic!("the watch must start with a snapshot");
-    };
+    let (first, mut rx, watch) = watch_as(&c, "n1").await;
     assert_eq!(subnets(&first), [net("10.244.2.0/24")]);
     wait_until("the watch is open", || c.emulator.watcher_count() > 0).await;
 

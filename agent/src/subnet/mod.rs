@@ -4,6 +4,7 @@
 //! lease, then keep it alive while reporting every other node's lease as diffs.
 
 pub mod alloc;
+pub mod claims;
 pub mod etcd;
 pub mod etcd_tls;
 pub mod kube;

@@ -1,27 +1,38 @@
 //! The table of other nodes' leases, fed by the node watcher's events: a `Snapshot` once a
 //! (re-)list is complete, then the diffs of each change. Never a snapshot from a partial
-//! or failed list, so an unreachable API server leaves the dataplane as it is.
+//! or failed list, so an unreachable API server leaves the dataplane as it is. Two Nodes
+//! with one podCIDR: the older Node (creationTimestamp, then name) holds the subnet.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::watcher::Event;
 use tracing::{debug, info, info_span, warn};
 
 use super::node::{node_name, peer_lease, Annotations};
 use super::WATCH_RESTARTS;
 use crate::lease::{subnet_key, Lease, LeaseEvent, LeaseWatchEvent};
+use crate::subnet::claims::Claims;
+
+/// A Node's age: older Nodes (lower) win a subnet; one without a creationTimestamp last.
+type Age = (bool, Option<Time>);
+
+fn age(node: &Node) -> Age {
+    let created = node.metadata.creation_timestamp.clone();
+    (created.is_none(), created)
+}
 
 pub struct PeerTable {
     own_name: String,
     own_subnet: Ipv4Network,
     annotations: Annotations,
-    /// The last-known lease of every peer, by node name.
-    known: BTreeMap<String, Lease>,
+    /// The last-known lease of every peer, by node name; one winner per subnet.
+    known: Claims<Age>,
     /// The leases listed so far while a (re-)list is in progress.
-    listing: Option<BTreeMap<String, Lease>>,
+    listing: Option<BTreeMap<String, (Age, Lease)>>,
     /// How many lists have started.
     lists: u64,
 }
@@ -32,7 +43,7 @@ impl PeerTable {
             own_name: own_name.to_string(),
             own_subnet,
             annotations,
-            known: BTreeMap::new(),
+            known: Claims::new("node"),
             listing: None,
             lists: 0,
         }
@@ -53,7 +64,7 @@ impl PeerTable {
             Event::InitApply(node) => {
                 if let Some(lease) = self.peer(&node, false) {
                     if let Some(listing) = self.listing.as_mut() {
-                        listing.insert(node_name(&node).to_string(), lease);
+                        listing.insert(node_name(&node).to_string(), (age(&node), lease));
                     }
                 }
                 Vec::new()
@@ -62,42 +73,33 @@ impl PeerTable {
                 let Some(listing) = self.listing.take() else {
                     return Vec::new();
                 };
-                self.known = listing;
-                vec![LeaseWatchEvent::Snapshot(
-                    self.known.values().cloned().collect(),
-                )]
+                let listed = listing
+                    .into_iter()
+                    .map(|(name, (age, lease))| (name, age, lease));
+                vec![LeaseWatchEvent::Snapshot(self.known.replace(listed))]
             }
             Event::Apply(node) => self.apply(&node),
             Event::Delete(node) => {
                 let name = node_name(&node);
-                match self.known.remove(name) {
-                    Some(old) => {
-                        peer_span(name, &old.subnet)
-                            .in_scope(|| info!("node deleted; lease removed"));
-                        vec![LeaseWatchEvent::Event(LeaseEvent::Removed(old.subnet))]
-                    }
-                    None => Vec::new(),
+                if let Some(old) = self.known.claim(name) {
+                    peer_span(name, &old.subnet).in_scope(|| info!("node deleted; lease removed"));
                 }
+                events(self.known.set(name, None))
             }
         }
     }
 
     fn apply(&mut self, node: &Node) -> Vec<LeaseWatchEvent> {
         let name = node_name(node).to_string();
-        let old = self.known.get(&name).cloned();
+        let old = self.known.claim(&name).cloned();
         let new = self.peer(node, old.is_some());
-        let added = |lease: &Lease| LeaseWatchEvent::Event(LeaseEvent::Added(lease.clone()));
-        let removed = |lease: &Lease| LeaseWatchEvent::Event(LeaseEvent::Removed(lease.subnet));
-        match (old, new) {
-            (None, None) => Vec::new(),
-            (Some(old), Some(new)) if old == new => Vec::new(),
+        match (&old, &new) {
+            (Some(old), Some(new)) if old == new => {}
             (old, Some(new)) => {
                 let span = peer_span(&name, &new.subnet);
-                let mut events = Vec::new();
-                match &old {
+                match old {
                     Some(old) if old.subnet != new.subnet => {
-                        span.in_scope(|| info!(old = %old.subnet, "podCIDR changed"));
-                        events.push(removed(old));
+                        span.in_scope(|| info!(old = %old.subnet, "podCIDR changed"))
                     }
                     Some(_) => {
                         span.in_scope(|| info!(public_ip = %new.attrs.public_ip, "lease changed"))
@@ -106,15 +108,10 @@ impl PeerTable {
                         span.in_scope(|| info!(public_ip = %new.attrs.public_ip, "lease added"))
                     }
                 }
-                events.push(added(&new));
-                self.known.insert(name, new);
-                events
             }
-            (Some(old), None) => {
-                self.known.remove(&name);
-                vec![removed(&old)]
-            }
+            _ => {}
         }
+        events(self.known.set(&name, new.map(|lease| (age(node), lease))))
     }
 
     /// The node's lease if it is a peer. `was_peer` raises the log level of why not.
@@ -143,6 +140,10 @@ impl PeerTable {
             }
         }
     }
+}
+
+fn events(changes: Vec<LeaseEvent>) -> Vec<LeaseWatchEvent> {
+    changes.into_iter().map(LeaseWatchEvent::Event).collect()
 }
 
 fn peer_span(node: &str, subnet: &Ipv4Network) -> tracing::Span {
