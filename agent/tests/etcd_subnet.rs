@@ -676,11 +676,8 @@ async fn watch_reports_other_nodes_and_the_revocation_of_our_lease() {
         next(&mut rx).await,
         LeaseWatchEvent::Event(LeaseEvent::Removed(net("10.244.200.0/24")))
     );
+    // Deleting it then changes nothing: the next event is the revocation below.
     client.delete(third_key.as_str(), None).await.unwrap();
-    assert_eq!(
-        next(&mut rx).await,
-        LeaseWatchEvent::Event(LeaseEvent::Removed(net("10.244.200.0/24")))
-    );
 
     client
         .delete(
@@ -695,6 +692,63 @@ async fn watch_reports_other_nodes_and_the_revocation_of_our_lease() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test]
+async fn two_keys_of_one_subnet_yield_the_older_key_and_never_displace_ours() {
+    let prefix = "/coreos.com/network";
+    let etcd = Etcd::configured(prefix).await;
+    let mgr = Arc::new(etcd.manager(prefix).await);
+    let own = mgr
+        .acquire_lease(&attrs("198.18.0.11", "02:00:00:00:00:11"))
+        .await
+        .unwrap();
+    let mut client = etcd.client().await;
+    let put = |key: String, ip: &str, mac: &str| {
+        let mut client = client.clone();
+        let value = serde_json::to_string(&attrs(ip, mac)).unwrap();
+        async move { client.put(key, value, None).await.unwrap() }
+    };
+    // The older key's name sorts last, so a tie-break by key alone would pick the other.
+    let older = format!("{prefix}/subnets/10.244.200.0-24&fc00::-64");
+    let younger = format!("{prefix}/subnets/10.244.200.0-024");
+    put(older.clone(), "198.18.0.12", "02:00:00:00:00:12").await;
+    put(younger.clone(), "198.18.0.22", "02:00:00:00:00:22").await;
+    // A dual-stack key for our own subnet, with another node's address.
+    let own_dup = format!("{prefix}/subnets/{}-24&fc00::-64", own.subnet.network());
+    put(own_dup.clone(), "198.18.0.21", "02:00:00:00:00:21").await;
+
+    let (tx, mut rx) = mpsc::channel(16);
+    let watcher = tokio::spawn({
+        let (mgr, own) = (mgr.clone(), own.clone());
+        async move { mgr.watch_leases(own, tx).await }
+    });
+    let peer = |ip: &str, mac: &str| Lease {
+        subnet: net("10.244.200.0/24"),
+        attrs: attrs(ip, mac),
+    };
+    assert_eq!(
+        next(&mut rx).await,
+        LeaseWatchEvent::Snapshot(vec![peer("198.18.0.12", "02:00:00:00:00:12")])
+    );
+    // The younger key changing is no event, nor is a change of the duplicate of ours; the
+    // older key going brings the younger one's lease in.
+    put(younger.clone(), "198.18.0.23", "02:00:00:00:00:23").await;
+    put(own_dup.clone(), "198.18.0.24", "02:00:00:00:00:24").await;
+    client.delete(own_dup.as_str(), None).await.unwrap();
+    client.delete(older.as_str(), None).await.unwrap();
+    assert_eq!(
+        next(&mut rx).await,
+        LeaseWatchEvent::Event(LeaseEvent::Added(peer("198.18.0.23", "02:00:00:00:00:23")))
+    );
+    // Nothing came in between, and our lease stands: the next event is the last key going.
+    client.delete(younger.as_str(), None).await.unwrap();
+    assert_eq!(
+        next(&mut rx).await,
+        LeaseWatchEvent::Event(LeaseEvent::Removed(net("10.244.200.0/24")))
+    );
+    assert!(!watcher.is_finished());
+    watcher.abort();
 }
 
 #[tokio::test]

@@ -22,10 +22,11 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::alloc::{self, AllocInput, Choice};
+use super::claims::Claims;
 use super::etcd_tls::{self, EtcdTls, ProbeFailure, TlsFiles};
 use super::SubnetManager;
 use crate::config::NetConf;
-use crate::lease::{parse_subnet_key, subnet_key, Lease, LeaseAttrs, LeaseEvent, LeaseWatchEvent};
+use crate::lease::{parse_subnet_key, subnet_key, Lease, LeaseAttrs, LeaseWatchEvent};
 use crate::subnet_env::SubnetEnv;
 
 /// flannel's lease TTL.
@@ -106,6 +107,9 @@ struct StoredLease {
     /// The etcd lease the key is bound to; 0 for a reservation.
     etcd_lease: i64,
     mod_revision: i64,
+    /// Orders two keys of one subnet (`10.244.1.0-24`, `10.244.1.0-24&fc00::-64`,
+    /// `10.244.1.0-024`): the older key holds the subnet.
+    create_revision: i64,
 }
 
 struct Listing {
@@ -311,6 +315,17 @@ impl EtcdSubnetManager {
         format!("{}/{}", self.subnets_dir(), subnet_key(subnet))
     }
 
+    /// The key of our lease `own`: the one acquired (a reused dual-stack key keeps its
+    /// name), else the canonical one.
+    fn key_of(&self, own: &Lease) -> String {
+        self.own_key
+            .lock()
+            .unwrap()
+            .clone()
+            .filter(|k| k.subnet == own.subnet)
+            .map_or_else(|| self.lease_key(&own.subnet), |k| k.key)
+    }
+
     /// The etcd lease id our key is bound to, once acquired (0: a TTL-less reservation).
     pub fn own_etcd_lease(&self) -> Option<i64> {
         self.own_key.lock().unwrap().as_ref().map(|k| k.etcd_lease)
@@ -340,6 +355,7 @@ impl EtcdSubnetManager {
             attrs,
             etcd_lease: kv.lease(),
             mod_revision: kv.mod_revision(),
+            create_revision: kv.create_revision(),
         })
     }
 
@@ -498,27 +514,37 @@ impl EtcdSubnetManager {
     ) -> Result<()> {
         let mut resume_from = resume_from;
         let mut backoff = WATCH_BACKOFF_MIN;
+        let own_key = self.key_of(own);
+        // Several keys can name one subnet; the older key holds it.
+        let mut claims = Claims::new("key");
         loop {
             let start = match resume_from.take() {
                 Some(revision) => revision,
                 None => match self.list().await {
                     Ok(listing) => {
-                        if !listing.leases.iter().any(|l| is_own(own, l)) {
+                        if !listing
+                            .leases
+                            .iter()
+                            .any(|l| l.key == own_key && is_own(own, l))
+                        {
                             warn!("our lease is gone from etcd");
                             let _ = tx.send(LeaseWatchEvent::OwnLeaseRevoked).await;
                             return Ok(());
                         }
-                        let others = listing
-                            .leases
-                            .into_iter()
-                            .filter(|l| l.subnet != own.subnet)
-                            .filter_map(|l| {
-                                Some(Lease {
-                                    subnet: l.subnet,
-                                    attrs: l.attrs?,
-                                })
-                            })
-                            .collect();
+                        let claimed = listing.leases.into_iter().filter_map(|l| {
+                            if l.subnet == own.subnet {
+                                if l.key != own_key {
+                                    warn!(key = %l.key, "another key claims this node's subnet; ignoring it");
+                                }
+                                return None;
+                            }
+                            let lease = Lease {
+                                subnet: l.subnet,
+                                attrs: l.attrs?,
+                            };
+                            Some((l.key, l.create_revision, lease))
+                        });
+                        let others = claims.replace(claimed);
                         if tx.send(LeaseWatchEvent::Snapshot(others)).await.is_err() {
                             return Ok(());
                         }
@@ -533,7 +559,11 @@ impl EtcdSubnetManager {
                     }
                 },
             };
-            match self.follow(own, start, tx, &mut backoff).await {
+            let mine = (own, own_key.as_str());
+            match self
+                .follow(mine, &mut claims, start, tx, &mut backoff)
+                .await
+            {
                 Ok(WatchEnd::OwnLeaseRevoked) => {
                     warn!("our lease was deleted or taken over in etcd: Lease has been revoked");
                     let _ = tx.send(LeaseWatchEvent::OwnLeaseRevoked).await;
@@ -555,7 +585,8 @@ impl EtcdSubnetManager {
     /// cancels the watch, our lease goes, or the receiver does.
     async fn follow(
         &self,
-        own: &Lease,
+        (own, own_key): (&Lease, &str),
+        claims: &mut Claims<i64>,
         start_revision: i64,
         tx: &mpsc::Sender<LeaseWatchEvent>,
         backoff: &mut Duration,
@@ -601,25 +632,37 @@ impl EtcdSubnetManager {
                     continue;
                 };
                 let put = event.event_type() == EventType::Put;
-                if stored.subnet == own.subnet {
+                if stored.key == own_key {
                     // Our own renewal shows up as a put with our PublicIP.
                     if !(put && is_own(own, &stored)) {
                         return Ok(WatchEnd::OwnLeaseRevoked);
                     }
                     continue;
                 }
-                let event = match (put, stored.attrs) {
-                    (true, Some(attrs)) => LeaseEvent::Added(Lease {
-                        subnet: stored.subnet,
-                        attrs,
-                    }),
+                if stored.subnet == own.subnet {
+                    // Another key for our subnet never displaces our lease.
+                    if put {
+                        warn!(key = %stored.key, "another key claims this node's subnet; ignoring it");
+                    }
+                    continue;
+                }
+                let claim = match (put, stored.attrs) {
+                    (true, Some(attrs)) => Some((
+                        stored.create_revision,
+                        Lease {
+                            subnet: stored.subnet,
+                            attrs,
+                        },
+                    )),
                     // A garbled value (warned about in parse_kv) must not leave the
                     // previous peer programmed: the key no longer says where it is.
-                    (true, None) | (false, _) => LeaseEvent::Removed(stored.subnet),
+                    (true, None) | (false, _) => None,
                 };
-                debug!(?event, "lease change");
-                if tx.send(LeaseWatchEvent::Event(event)).await.is_err() {
-                    return Ok(WatchEnd::ReceiverGone);
+                for event in claims.set(&stored.key, claim) {
+                    debug!(?event, "lease change");
+                    if tx.send(LeaseWatchEvent::Event(event)).await.is_err() {
+                        return Ok(WatchEnd::ReceiverGone);
+                    }
                 }
             }
         }
@@ -853,16 +896,9 @@ impl SubnetManager for EtcdSubnetManager {
 
     async fn watch_leases(&self, own: Lease, tx: mpsc::Sender<LeaseWatchEvent>) -> Result<()> {
         let span = info_span!("lease", subnet = %own.subnet);
-        let acquired_key = self
-            .own_key
-            .lock()
-            .unwrap()
-            .clone()
-            .filter(|k| k.subnet == own.subnet)
-            .map(|k| k.key);
         let renewer = Renewer {
             client: self.client.clone(),
-            key: acquired_key.unwrap_or_else(|| self.lease_key(&own.subnet)),
+            key: self.key_of(&own),
             own: own.clone(),
             margin: self.renew_margin,
             own_key: self.own_key.clone(),
