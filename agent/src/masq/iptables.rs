@@ -12,7 +12,7 @@
 use anyhow::{Context, Result};
 use tracing::info;
 
-use super::{run, run_ok, Firewall, MasqSpec};
+use super::{run, run_ok, Firewall, MasqSpec, XTABLES_WAIT};
 
 pub const NAME: &str = "iptables";
 
@@ -134,7 +134,11 @@ impl Chain {
 
     /// What iptables shows of this chain now.
     fn installed(&self) -> Result<Installed> {
-        let hook = run_ok("iptables", &["-w", "-t", self.table, "-S", self.hook], None)?;
+        let hook = run_ok(
+            "iptables",
+            &["-w", XTABLES_WAIT, "-t", self.table, "-S", self.hook],
+            None,
+        )?;
         let jump_suffix = format!(" -j {}", self.name);
         let jumps = hook
             .lines()
@@ -143,7 +147,11 @@ impl Chain {
             .collect();
         // Fails when the chain (or, with iptables-nft, the whole table) does not exist; the
         // hook listing above already showed iptables itself works.
-        let chain = run("iptables", &["-w", "-t", self.table, "-S", self.name], None)?;
+        let chain = run(
+            "iptables",
+            &["-w", XTABLES_WAIT, "-t", self.table, "-S", self.name],
+            None,
+        )?;
         let rules = chain.status.success().then(|| {
             String::from_utf8_lossy(&chain.stdout)
                 .lines()
@@ -193,7 +201,7 @@ impl Chain {
         }
         run_ok(
             "iptables-restore",
-            &["-w", "--noflush"],
+            &["-w", XTABLES_WAIT, "--noflush"],
             Some(&self.restore_script(&installed, &wanted)),
         )
         .with_context(|| {
@@ -248,8 +256,12 @@ impl Firewall for Iptables {
 
 /// Whether the `iptables` FORWARD chain's policy is DROP (false when iptables is missing).
 pub fn forward_policy_drops() -> bool {
-    run_ok("iptables", &["-w", "-t", "filter", "-S", "FORWARD"], None)
-        .is_ok_and(|rules| rules.lines().any(|l| l.trim() == "-P FORWARD DROP"))
+    run_ok(
+        "iptables",
+        &["-w", XTABLES_WAIT, "-t", "filter", "-S", "FORWARD"],
+        None,
+    )
+    .is_ok_and(|rules| rules.lines().any(|l| l.trim() == "-P FORWARD DROP"))
 }
 
 /// Makes iptables' FLANNEL-FWD chain and its jump match `spec` (None: removes them), for

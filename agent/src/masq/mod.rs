@@ -10,10 +10,10 @@
 pub mod iptables;
 pub mod nft;
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
+use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use ipnetwork::Ipv4Network;
 
 /// What the rules must express (N = network, P = this node's lease subnet).
@@ -203,30 +203,16 @@ pub fn remove_all() -> Result<()> {
     remove_leftovers("")
 }
 
-/// Runs a firewall tool with `input` on stdin. Err only when it cannot be started.
+/// How long one firewall tool may run: `iptables -w` waits at most [`XTABLES_WAIT`] for
+/// the xtables lock, with room for the work itself. Past it the tool is killed.
+pub const FIREWALL_DEADLINE: Duration = Duration::from_secs(10);
+/// `iptables -w <seconds>`: how long iptables waits for the xtables lock.
+pub const XTABLES_WAIT: &str = "5";
+
+/// Runs a firewall tool with `input` on stdin, killed past [`FIREWALL_DEADLINE`]. Err when
+/// it cannot be started or does not finish in time (the error names the command).
 fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<Output> {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => anyhow!("{program} not found in PATH"),
-            _ => anyhow!(e).context(format!("starting {program}")),
-        })?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin
-            .write_all(text.as_bytes())
-            .with_context(|| format!("writing to {program}"))?;
-    }
-    child
-        .wait_with_output()
-        .with_context(|| format!("waiting for {program}"))
+    Ok(crate::tool::run(program, args, input, FIREWALL_DEADLINE)?)
 }
 
 /// Like [`run`], and a non-zero exit is an error carrying the command and its stderr.
