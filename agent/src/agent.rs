@@ -97,6 +97,12 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     state.set_dataplane(info);
     let previous = subnets.previous_lease(ext.public_ip).await?;
     let attrs = dataplane.register(previous.as_ref()).await?;
+    // From the first config on, on a task of its own: nothing the event loop waits for
+    // (a firewall tool, the policy probe, a slow API) may let the programs see the agent
+    // as gone.
+    let heartbeat = dataplane
+        .heartbeat()
+        .map(|beat| tokio::spawn(heartbeat_task(beat, bpf_options(&args, None).heartbeat())));
     let own = subnets.acquire_lease(&attrs).await?;
     info!(subnet = %own.subnet, "acquired lease");
     systemd::status(&format!(
@@ -140,8 +146,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         state.set_nat_table_size(n.table_size);
         tokio::spawn(collect_nat(args.bpf_dir.clone(), state.clone()));
     }
-    firewall
-        .ensure(&spec)
+    tokio::task::block_in_place(|| firewall.ensure(&spec))
         .with_context(|| format!("installing {} rules", firewall.name()))?;
     state.set_ready(ReadyPart::Dataplane, true);
 
@@ -178,6 +183,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         rx,
     )
     .await;
+    if let Some(task) = heartbeat {
+        task.abort();
+    }
     if watch.is_finished() {
         // The watch ended on its own: its error says why better than the closed channel.
         if let Ok(Err(e)) = watch.await {
@@ -225,7 +233,6 @@ async fn event_loop(
         tokio::time::interval_at(tokio::time::Instant::now() + resync_period, resync_period);
     let mut firewall_resync =
         tokio::time::interval(Duration::from_secs(args.iptables_resync.max(1)));
-    let mut heartbeat = tokio::time::interval(bpf_options(args, None).heartbeat());
     let watchdog_every = systemd::watchdog_interval();
     let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -285,13 +292,9 @@ async fn event_loop(
                 resync_dataplane(dataplane, &leases, state).await
             }
             _ = watchdog.tick(), if watchdog_every.is_some() => systemd::watchdog(),
-            _ = heartbeat.tick() => {
-                if let Err(e) = dataplane.heartbeat() {
-                    error!("refreshing the dataplane's config failed: {e:#}");
-                }
-            }
             _ = firewall_resync.tick() => {
-                if let Err(e) = firewall.ensure(spec) {
+                // The tools run with deadlines; off the runtime's queue meanwhile.
+                if let Err(e) = tokio::task::block_in_place(|| firewall.ensure(spec)) {
                     error!("repairing {} rules failed: {e:#}", firewall.name());
                 }
             }
@@ -327,6 +330,28 @@ impl UplinkWatch {
             );
         }
         Ok(())
+    }
+}
+
+/// Refreshes the dataplane's config every `period` (see [`crate::backend::Backend::heartbeat`]),
+/// saying so when it fails and when it works again.
+async fn heartbeat_task(beat: crate::backend::Heartbeat, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match beat() {
+            Ok(()) if failing => {
+                info!("refreshing the dataplane's config works again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                error!("refreshing the dataplane's config failed: {e:#}");
+                failing = true;
+            }
+        }
     }
 }
 

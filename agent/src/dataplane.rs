@@ -177,7 +177,7 @@ impl Dataplane {
         self.backend.fast_path()
     }
 
-    pub fn heartbeat(&mut self) -> Result<()> {
+    pub fn heartbeat(&self) -> Option<crate::backend::Heartbeat> {
         self.backend.heartbeat()
     }
 

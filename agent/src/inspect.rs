@@ -178,6 +178,9 @@ pub struct ConfigView {
     pub fast_path_on: bool,
     /// False when some leases did not fit in the `leases` map.
     pub leases_complete: bool,
+    /// False when the agent's policy probe could not read the node's netfilter rules.
+    #[serde(default = "yes")]
+    pub policy_known: bool,
     /// Seconds since the agent last refreshed the entry.
     pub refreshed_secs_ago: f64,
     /// After how long without a refresh the programs hand every packet to the kernel
@@ -199,6 +202,10 @@ pub struct SourceNat {
     pub mappings: u64,
 }
 
+fn yes() -> bool {
+    true
+}
+
 pub fn config(dir: &Path) -> Result<ConfigView> {
     let map: Array<MapData, DataplaneConfig> = open_pinned(dir, MAP_CONFIG)?.try_into()?;
     let c = map.get(&0, 0).context("reading the config map")?;
@@ -214,6 +221,7 @@ pub fn config(dir: &Path) -> Result<ConfigView> {
         vtep_mac: mac(c.vtep_mac),
         fast_path_on: c.flags & CONFIG_FAST_PATH_OFF == 0,
         leases_complete: c.flags & CONFIG_LEASES_INCOMPLETE == 0,
+        policy_known: c.flags & weft_common::CONFIG_POLICY_UNKNOWN == 0,
         refreshed_secs_ago: Duration::from_nanos(age_ns).as_secs_f64(),
         stale_after_secs: stale_after.map(|ns| Duration::from_nanos(ns).as_secs_f64()),
         stale: stale_after.is_some_and(|ns| age_ns > ns),

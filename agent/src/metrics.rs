@@ -426,6 +426,34 @@ impl AgentState {
                 &[("state", state), ("reason", why)],
                 1,
             );
+            out.family(
+                "weft_fast_path_enabled",
+                "gauge",
+                "1 while the BPF fast path carries pod traffic, 0 while every packet takes the kernel path.",
+            );
+            out.sample("weft_fast_path_enabled", &[], u8::from(*on));
+            out.family(
+                "weft_policy_probe_undecided",
+                "gauge",
+                "1 when the last policy probe could not read the node's netfilter rules (the fast path is off then, unless --dataplane=bpf).",
+            );
+            out.sample(
+                "weft_policy_probe_undecided",
+                &[],
+                u8::from(crate::bpf::policy::last_undecided()),
+            );
+            out.family(
+                "weft_policy_probe_failures_total",
+                "counter",
+                "Runs of a policy probe tool that gave no answer, by tool and reason (missing, spawn, exit, timeout, parse).",
+            );
+            for (tool, reason, n) in crate::bpf::policy::failure_counts() {
+                out.sample(
+                    "weft_policy_probe_failures_total",
+                    &[("tool", tool.name()), ("reason", reason.name())],
+                    n,
+                );
+            }
         }
 
         if let Some(flows) = *lock(&self.stack_flows) {

@@ -197,8 +197,12 @@ fn fast_path_line(c: &ConfigView) -> String {
     );
     if c.stale {
         format!("inactive: the agent stopped refreshing the maps ({refreshed}); every packet takes the kernel path until it is back")
+    } else if !c.fast_path_on && !c.policy_known {
+        format!("off: the agent could not read the node's netfilter rules (its policy probe failed: the agent's log names the tool and the fix), so rules that filter forwarded pod traffic may exist; every packet takes the kernel path ({refreshed})")
     } else if !c.fast_path_on {
         format!("off: the agent found netfilter rules that filter forwarded pod traffic, which the fast path would bypass; every packet takes the kernel path ({refreshed})")
+    } else if !c.policy_known {
+        format!("on, forced by --dataplane=bpf although the agent could not read the node's netfilter rules (its policy probe failed) ({refreshed})")
     } else {
         format!("on ({refreshed})")
     }
@@ -345,7 +349,7 @@ pub fn status(args: &StatusArgs) -> Result<StatusReport> {
         (None, None) => "unknown".into(),
     };
     if let Some(c) = &fast_path {
-        if c.stale || !c.fast_path_on {
+        if c.stale || !c.fast_path_on || !c.policy_known {
             problems.push(format!("fast path {}", fast_path_line(c)));
         }
         if let Some(nat) = c

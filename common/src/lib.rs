@@ -378,6 +378,11 @@ pub const CONFIG_FAST_PATH_OFF: u16 = 1;
 /// VXLAN packet whose inner source is in no lease may be theirs: it goes to the kernel
 /// path instead of being dropped as spoofed.
 pub const CONFIG_LEASES_INCOMPLETE: u16 = 2;
+/// `DataplaneConfig::flags`: the agent's policy probe could not read the node's netfilter
+/// rules (a tool failed), so whether anything filters forwarded pod traffic is unknown:
+/// with `CONFIG_FAST_PATH_OFF` (`--dataplane=auto`) that is why it is off. For `weft
+/// status`; the programs do not read it.
+pub const CONFIG_POLICY_UNKNOWN: u16 = 4;
 
 /// Index of one datapath counter in the `counters` map. Each slot holds a `u64`
 /// per CPU; readers sum over CPUs.

@@ -17,6 +17,9 @@ use crate::iface::ExtIface;
 use crate::lease::{Lease, LeaseAttrs};
 use crate::plan::{PeerChange, Plan};
 
+/// See [`Backend::heartbeat`].
+pub type Heartbeat = std::sync::Arc<dyn Fn() -> Result<()> + Send + Sync>;
+
 #[async_trait]
 pub trait Backend: Send {
     /// Prepares the node before its lease exists (e.g. creates or adopts `flannel.<VNI>`,
@@ -38,10 +41,11 @@ pub trait Backend: Send {
     /// The MTU pods must use (written to subnet.env as FLANNEL_MTU).
     fn pod_mtu(&self) -> u32;
 
-    /// Tells the dataplane the agent is alive (the BPF programs fall back to the kernel
-    /// path when this stops).
-    fn heartbeat(&mut self) -> Result<()> {
-        Ok(())
+    /// What tells the dataplane the agent is alive (the BPF programs fall back to the
+    /// kernel path when it stops), for a task of its own: called every few seconds, it
+    /// must stay cheap and never wait on the dataplane's other work. None: nothing to tell.
+    fn heartbeat(&self) -> Option<Heartbeat> {
+        None
     }
 
     /// Peers that did not fit in a fixed-size table (BPF maps), per table: they stay on

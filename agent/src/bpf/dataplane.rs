@@ -23,9 +23,9 @@ use tracing::{debug, info, warn};
 
 use weft_common::{
     DataplaneConfig, EndpointEntry, EndpointKey, LeaseEntry, PeerEntry, PeerKey,
-    CONFIG_FAST_PATH_OFF, CONFIG_LEASES_INCOMPLETE, LEASE_DIRECT, LEASE_VXLAN, MAP_CONFIG,
-    MAP_ENDPOINTS, MAP_LEASES, MAP_NAT_EXCLUDE, MAP_PEERS, NAT_ENABLED, NAT_FAST, PROG_FROM_NETDEV,
-    PROG_TO_NETDEV,
+    CONFIG_FAST_PATH_OFF, CONFIG_LEASES_INCOMPLETE, CONFIG_POLICY_UNKNOWN, LEASE_DIRECT,
+    LEASE_VXLAN, MAP_CONFIG, MAP_ENDPOINTS, MAP_LEASES, MAP_NAT_EXCLUDE, MAP_PEERS, NAT_ENABLED,
+    NAT_FAST, PROG_FROM_NETDEV, PROG_TO_NETDEV,
 };
 
 use super::endpoints::PodWatcher;
@@ -58,7 +58,8 @@ pub struct BpfDataplane {
     ebpf: Arc<Mutex<Ebpf>>,
     leases: LeaseMap,
     peers: PeerMap,
-    config: ConfigMap,
+    /// The `config` map, shared with the heartbeat task.
+    config: ConfigWriter,
     /// Handed to the pod watcher when the node's own lease is known.
     endpoints: Option<EndpointMap>,
     /// What `leases` holds, as this process wrote or last read it.
@@ -114,7 +115,7 @@ impl BpfDataplane {
             ebpf: Arc::new(Mutex::new(ebpf)),
             leases,
             peers,
-            config,
+            config: ConfigWriter(Arc::new(Mutex::new((config, None)))),
             endpoints: Some(endpoints),
             programmed,
             vxlan: match &conf.backend {
@@ -143,6 +144,9 @@ impl BpfDataplane {
         if self.lease_overflow > 0 {
             flags |= CONFIG_LEASES_INCOMPLETE;
         }
+        if self.fast_path.undecided {
+            flags |= CONFIG_POLICY_UNKNOWN;
+        }
         flags
     }
 
@@ -163,7 +167,7 @@ impl BpfDataplane {
             vtep_mac: attrs.vxlan().map(|d| d.vtep_mac.0).unwrap_or_default(),
             _pad2: [0; 2],
             _pad3: [0; 4],
-            refreshed_ns: monotonic_ns(),
+            refreshed_ns: 0,
             stale_after_ns: self.options.stale_after.as_nanos() as u64,
             network: self.network.network().octets(),
             network_mask: self.network.mask().octets(),
@@ -177,9 +181,7 @@ impl BpfDataplane {
             nat_port_max: self.options.nat.as_ref().map_or(0, |n| n.ports.1),
             _pad4: [0; 4],
         };
-        self.config
-            .set(0, config, 0)
-            .context("writing the BPF dataplane config")?;
+        self.config.write(config)?;
         debug!(?config, "BPF dataplane config written");
         Ok(())
     }
@@ -334,38 +336,31 @@ impl BpfDataplane {
     }
 
     /// Looks for netfilter rules that filter forwarded pod traffic (see [`policy`]) and
-    /// switches the fast path off while there are any, unless `--dataplane=bpf` forces it.
-    /// Logs changes only.
-    fn check_forward_filters(&mut self) -> Result<()> {
-        let filters = policy::forward_filters();
-        let wanted = match (filters.first(), self.options.force_fast_path) {
-            (None, _) => FastPath::on("no netfilter rule filters forwarded pod traffic"),
-            (Some(first), false) => FastPath::off(format!(
-                "netfilter filters forwarded traffic ({first}{}), which the fast path would bypass",
-                more(&filters)
-            )),
-            (Some(first), true) => FastPath::on(format!(
-                "forced by --dataplane=bpf although netfilter filters forwarded traffic ({first}{}): \
-                 those rules do not see pod traffic between nodes",
-                more(&filters)
-            )),
-        };
+    /// switches the fast path off while there are any, or while the probe cannot tell,
+    /// unless `--dataplane=bpf` forces it. Logs changes only.
+    async fn check_forward_filters(&mut self) -> Result<()> {
+        // Its tools run with deadlines; off the async runtime meanwhile.
+        let probe = tokio::task::spawn_blocking(policy::probe)
+            .await
+            .context("the policy probe panicked")?;
+        let wanted = decide(&probe, self.options.force_fast_path);
         if wanted == self.fast_path {
             return Ok(());
         }
-        match (&wanted, self.options.force_fast_path) {
-            (FastPath { on: false, .. }, _) => warn!(
+        if wanted.on && !matches!(probe, policy::Probe::None) {
+            warn!("fast path on: {}", wanted.why)
+        } else if wanted.on {
+            info!("fast path on: {}", wanted.why)
+        } else {
+            warn!(
                 "fast path off: {}; pod traffic takes the kernel path",
                 wanted.why
-            ),
-            (FastPath { on: true, .. }, true) if !filters.is_empty() => {
-                warn!("fast path on: {}", wanted.why)
-            }
-            _ => info!("fast path on: {}", wanted.why),
+            )
         }
-        let switched = wanted.on != self.fast_path.on;
+        let flags_change =
+            (wanted.on, wanted.undecided) != (self.fast_path.on, self.fast_path.undecided);
         self.fast_path = wanted;
-        if switched {
+        if flags_change {
             if let Some(attrs) = self.attrs.clone() {
                 self.write_config(&attrs)?;
             }
@@ -484,7 +479,7 @@ impl Backend for BpfDataplane {
         let attrs = self.kernel.register(previous).await?;
         self.attrs = Some(attrs.clone());
         // Before any program sees a packet: off from the start where policy rules exist.
-        self.check_forward_filters()?;
+        self.check_forward_filters().await?;
         self.write_config(&attrs)?;
         Ok(attrs)
     }
@@ -524,7 +519,7 @@ impl Backend for BpfDataplane {
         self.sync_maps(Self::wanted_entries(plan))?;
         // After the maps: the check runs three short processes, and `register` made the
         // first decision before any program ran.
-        self.check_forward_filters()?;
+        self.check_forward_filters().await?;
         // After the maps hold the lease table: from_netdev admits VXLAN from peers only.
         self.ensure_uplink_program().await?;
         if let Some(watcher) = &self.watcher {
@@ -538,11 +533,9 @@ impl Backend for BpfDataplane {
         self.kernel.pod_mtu()
     }
 
-    fn heartbeat(&mut self) -> Result<()> {
-        match self.attrs.clone() {
-            Some(attrs) => self.write_config(&attrs),
-            None => Ok(()),
-        }
+    fn heartbeat(&self) -> Option<crate::backend::Heartbeat> {
+        let config = self.config.clone();
+        Some(Arc::new(move || config.refresh()))
     }
 
     fn overflow(&self) -> Vec<(&'static str, u64)> {
@@ -554,11 +547,49 @@ impl Backend for BpfDataplane {
     }
 }
 
+/// The `config` map and what was last written to it. The dataplane writes whole configs;
+/// the heartbeat task only refreshes `refreshed_ns` of the last one, under the same lock,
+/// so it can never put back an older config over a newer one.
+#[derive(Clone)]
+struct ConfigWriter(Arc<Mutex<(ConfigMap, Option<DataplaneConfig>)>>);
+
+impl ConfigWriter {
+    /// Writes `config`, stamped now.
+    fn write(&self, config: DataplaneConfig) -> Result<()> {
+        Self::stamp(
+            &mut self.0.lock().unwrap_or_else(|e| e.into_inner()),
+            config,
+        )
+    }
+
+    /// Re-stamps the last config written (nothing before the first), in one lock hold.
+    fn refresh(&self) -> Result<()> {
+        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match guard.1 {
+            Some(config) => Self::stamp(&mut guard, config),
+            None => Ok(()),
+        }
+    }
+
+    fn stamp(
+        (map, last): &mut (ConfigMap, Option<DataplaneConfig>),
+        mut config: DataplaneConfig,
+    ) -> Result<()> {
+        config.refreshed_ns = monotonic_ns();
+        map.set(0, config, 0)
+            .context("writing the BPF dataplane config")?;
+        *last = Some(config);
+        Ok(())
+    }
+}
+
 /// Whether the programs redirect pod traffic, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct FastPath {
     on: bool,
     why: String,
+    /// The policy probe could not read every hook.
+    undecided: bool,
 }
 
 impl FastPath {
@@ -566,6 +597,7 @@ impl FastPath {
         FastPath {
             on: true,
             why: why.into(),
+            undecided: false,
         }
     }
 
@@ -573,6 +605,55 @@ impl FastPath {
         FastPath {
             on: false,
             why: why.into(),
+            undecided: false,
+        }
+    }
+}
+
+/// The fast path's state after `probe`: off where rules filter forwarded pod traffic or
+/// the probe could not tell, unless `force` (`--dataplane=bpf`).
+fn decide(probe: &policy::Probe, force: bool) -> FastPath {
+    let rules = |found: &[String]| match found.first() {
+        Some(first) => format!("{first}{}", more(found)),
+        None => String::new(),
+    };
+    match (probe, force) {
+        (policy::Probe::None, _) => FastPath::on("no netfilter rule filters forwarded pod traffic"),
+        (policy::Probe::Found(found), false) => FastPath::off(format!(
+            "netfilter filters forwarded traffic ({}), which the fast path would bypass",
+            rules(found)
+        )),
+        (policy::Probe::Found(found), true) => FastPath::on(format!(
+            "forced by --dataplane=bpf although netfilter filters forwarded traffic ({}): \
+             those rules do not see pod traffic between nodes",
+            rules(found)
+        )),
+        (policy::Probe::Undecided { failures, found }, force) => {
+            let failed: Vec<String> = failures
+                .iter()
+                .map(|f| format!("{}: {f}", f.tool.name()))
+                .collect();
+            let also = if found.is_empty() {
+                String::new()
+            } else {
+                format!("; the other tools found {}", rules(found))
+            };
+            let why = format!(
+                "the policy probe could not read the node's netfilter rules, so rules that \
+                 filter forwarded pod traffic may exist unseen ({}{also})",
+                failed.join("; ")
+            );
+            let mut state = if force {
+                FastPath::on(format!(
+                    "forced by --dataplane=bpf although {why}: such rules would not see pod traffic between nodes"
+                ))
+            } else {
+                FastPath::off(format!(
+                    "{why}; or run with --dataplane=bpf to keep the fast path on regardless"
+                ))
+            };
+            state.undecided = true;
+            state
         }
     }
 }
