@@ -624,7 +624,7 @@ impl Lab {
 
     /// The environment of node `index`'s agent: its log settings and, in kube mode,
     /// NODE_NAME (as the DaemonSet sets it from spec.nodeName).
-    fn agent_env(&self, index: usize) -> Vec<(String, String)> {
+    pub fn agent_env(&self, index: usize) -> Vec<(String, String)> {
         let mut env = vec![
             ("RUST_LOG".to_string(), agent_rust_log()),
             // Plain text in the log files.
@@ -635,6 +635,18 @@ impl Lab {
         }
         env.extend(self.config.extra_agent_env.iter().cloned());
         env
+    }
+
+    /// Restarts the agent of node `index` with its usual flags and `dir` first on its PATH
+    /// (fake firewall tools a test made there), and waits until it is ready.
+    pub fn restart_agent_with_path_first(&mut self, index: usize, dir: &Path) -> Result<()> {
+        self.stop_agent(index);
+        let args = self.agent_args(index)?;
+        let mut env = self.agent_env(index);
+        let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+        env.push(("PATH".to_string(), format!("{}:{path}", dir.display())));
+        let (_, before) = self.spawn_agent_command(index, args, env)?;
+        self.wait_agent_ready(index, before).map(drop)
     }
 
     /// Spawns `weft agent` on node `index` and returns at once: the instant just before

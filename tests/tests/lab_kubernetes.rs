@@ -253,22 +253,29 @@ fn policy_drops(lab: &Lab, node: usize) -> u64 {
         .unwrap_or(0)
 }
 
-#[test]
-fn a_policy_engines_forward_rules_are_never_bypassed_in_silence() {
-    // Node 1 as users run it (auto); node 2 forced (--dataplane=bpf).
+/// Two nodes, node 1 `auto` and node 2 `node2`, resyncing every second, with pods a, b on
+/// node 1 and c on node 2, every pair pinging and both dataplanes complete.
+fn policy_lab(node2: Dataplane) -> (Lab, [weft_tests::Pod; 3]) {
     let mut config = config(Backend::Vxlan, Dataplane::Auto, false);
-    config.node_dataplanes.insert(2, Dataplane::Bpf);
+    config.node_dataplanes.insert(2, node2);
     config
         .extra_agent_args
         .push("--resync-interval=1".to_string());
     let mut lab = Lab::start(config).expect("the lab starts");
     let pods = lab.add_pods(2).expect("pods");
-    let (a, b, c) = (pods[0].clone(), pods[1].clone(), pods[2].clone());
     lab.assert_all_pairs_ping(&pods, "before any policy", CONVERGENCE);
     for node in [1, 2] {
         lab.wait_bpf_synced(node, BPF_SYNC)
             .expect("the BPF dataplane is complete");
     }
+    let pods = [pods[0].clone(), pods[1].clone(), pods[2].clone()];
+    (lab, pods)
+}
+
+#[test]
+fn a_policy_engines_forward_rules_are_never_bypassed_in_silence() {
+    // Node 1 as users run it (auto); node 2 forced (--dataplane=bpf).
+    let (lab, [a, b, c]) = policy_lab(Dataplane::Bpf);
     let before = lab.bpf_counters(1).unwrap();
     assert!(lab.ping(&a, c.ip));
     let delta = lab.bpf_counters(1).unwrap().since(&before);
@@ -408,4 +415,103 @@ fn a_pod_shaped_by_the_bandwidth_plugin_stays_shaped() {
         !endpoints.contains_key(&shaped.ip) && endpoints.contains_key(&plain.ip),
         "{endpoints:?}"
     );
+}
+
+/// Writes an executable `name` into `dir` that runs `script` (sh).
+fn fake_tool(dir: &std::path::Path, name: &str, script: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).expect("the fake tool is written");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The real `nft` in PATH (the fake one hands everything but `-j` to it).
+fn real_nft() -> String {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|dir| std::path::Path::new(dir).join("nft"))
+        .find(|p| p.exists())
+        .expect("nft is installed")
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn a_native_nft_forward_rule_is_seen_and_a_broken_probe_turns_the_fast_path_off() {
+    let (mut lab, [a, b, c]) = policy_lab(Dataplane::Auto);
+    let last_said = |lab: &Lab, text: &str| {
+        lab.agent_log_tail(1, 400)
+            .lines()
+            .rfind(|l| l.contains("fast path o"))
+            .is_some_and(|l| l.contains(text))
+    };
+    let fast_path_off_and_pair_dropped = |lab: &Lab| {
+        let before = lab.bpf_counters(1).unwrap();
+        assert!(lab.ping(&b, c.ip), "an allowed pair must still ping");
+        assert!(
+            !lab.ping(&a, c.ip),
+            "the denied pair pings: the policy was bypassed"
+        );
+        let delta = lab.bpf_counters(1).unwrap().since(&before);
+        assert_eq!(
+            delta.get(Counter::Encap) + delta.get(Counter::Decap),
+            0,
+            "node 1 redirected pod traffic with its fast path off: {delta}"
+        );
+    };
+
+    // A policy engine's native nftables rule, in its own table on the forward hook.
+    let rules = format!(
+        "table inet netpol {{\n chain forward {{\n  type filter hook forward priority 0; policy accept;\n  \
+         ip saddr {} ip daddr {} drop\n }}\n}}\n",
+        a.ip, c.ip
+    );
+    weft_tests::Cmd::new(["nft", "-f", "-"])
+        .netns(lab.node_ns(1))
+        .stdin(rules)
+        .run()
+        .expect("the nft rule is installed");
+    weft_tests::wait_until("node 1 to switch its fast path off", Duration::from_secs(10), || {
+        Ok(last_said(
+            &lab,
+            "fast path off: netfilter filters forwarded traffic (nftables: chain inet netpol forward (hook forward, 1 of 1 rules can drop, policy accept))",
+        ))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.agent_log_tail(1, 40)));
+    fast_path_off_and_pair_dropped(&lab);
+
+    // The same with an nft that cannot list in JSON: the probe cannot see the rule, and
+    // must not take that for "no rules".
+    let fake = tempfile::tempdir().expect("a temp dir");
+    fake_tool(
+        fake.path(),
+        "nft",
+        &format!(
+            "case \"$1\" in -j) echo 'Error: JSON support not compiled-in' >&2; exit 1;; esac\nexec {} \"$@\"",
+            real_nft()
+        ),
+    );
+    lab.restart_agent_with_path_first(1, fake.path())
+        .expect("node 1's agent restarts with the fake nft");
+    weft_tests::wait_until(
+        "node 1 to say its probe failed",
+        Duration::from_secs(10),
+        || {
+            Ok(last_said(
+                &lab,
+                "fast path off: the policy probe could not read the node's netfilter rules",
+            ))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.agent_log_tail(1, 40)));
+    let said = lab.agent_log_tail(1, 400);
+    assert!(
+        said.contains("`nft -j list ruleset` failed (exit status: 1): Error: JSON support not compiled-in (exit); fix: install nftables with JSON support"),
+        "{said}"
+    );
+    lab.wait_bpf_synced(1, BPF_SYNC)
+        .expect("the BPF dataplane is complete");
+    fast_path_off_and_pair_dropped(&lab);
 }
