@@ -153,3 +153,76 @@ fn systemd_hears_ready_status_watchdog_and_stopping() {
     lab.stop_agent(1);
     receive_until("STOPPING=1", &mut heard);
 }
+
+/// The programs' view of the agent: seconds since the config was refreshed, on node `index`.
+fn refreshed_secs_ago(lab: &Lab, index: usize) -> f64 {
+    let bpf_dir = lab.bpf_dir(index).to_string_lossy().into_owned();
+    let weft = lab.binary("weft").unwrap().to_string_lossy().into_owned();
+    let out = weft_tests::exec::Cmd::new([
+        weft.as_str(),
+        "bpf",
+        "config",
+        "--bpf-dir",
+        &bpf_dir,
+        "-o",
+        "json",
+    ])
+    .netns(lab.node_ns(index))
+    .timeout(Duration::from_secs(20))
+    .run()
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let config: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    config["refreshed_secs_ago"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{config}"))
+}
+
+#[test]
+fn a_hanging_firewall_tool_does_not_stop_the_heartbeat() {
+    use std::os::unix::fs::PermissionsExt;
+    // iptables hangs (as on a held xtables lock) once `stall` exists; every other run is
+    // the real one.
+    let fake = tempfile::tempdir().expect("a temp dir");
+    let stall = fake.path().join("stall");
+    let script = format!(
+        "#!/bin/sh\nif [ -e {} ]; then sleep 120; fi\nPATH=${{PATH#*:}} exec iptables \"$@\"\n",
+        stall.display()
+    );
+    let tool = fake.path().join("iptables");
+    std::fs::write(&tool, script).unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut lab = Lab::start(LabConfig {
+        nodes: 1,
+        backend: Backend::Vxlan,
+        dataplane: Dataplane::Bpf,
+        // Stale after 6 s (a heartbeat every 2 s); the firewall repaired every second,
+        // each repair stuck in iptables until its 10 s deadline.
+        extra_agent_args: vec![
+            "--bpf-stale-after=6".into(),
+            "--iptables-resync=1".into(),
+            "--firewall=iptables".into(),
+        ],
+        ..Default::default()
+    })
+    .expect("lab starts");
+    lab.restart_agent_with_path_first(1, fake.path())
+        .expect("the agent restarts with the fake iptables");
+    std::fs::write(&stall, "").unwrap();
+    // 15 s of stalled repairs: the refresh never gets older than the stale window.
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    let mut oldest: f64 = 0.0;
+    while std::time::Instant::now() < until {
+        oldest = oldest.max(refreshed_secs_ago(&lab, 1));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let log = lab.agent_log_tail(1, 200);
+    assert!(
+        log.contains("did not finish within 10 s: killed"),
+        "iptables never stalled:\n{log}"
+    );
+    assert!(
+        oldest < 4.0,
+        "the config went {oldest:.1} s without a refresh:\n{log}"
+    );
+}
