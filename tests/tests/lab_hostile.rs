@@ -63,12 +63,16 @@ fn hostile_leases_never_touch_the_nodes_routes(backend: Backend, dataplane: Data
         "{before:?}"
     );
 
-    // The keys of the report, and more of their kind.
+    // The keys of the report, and more of their kind; last, a /25 over node 2's /24 (it used
+    // to take node 2's lease down with it: both overlapped, both were rejected).
+    let node2 = pods[1].ip.octets();
+    let over_node2 = format!("{}.{}.{}.0-25", node2[0], node2[1], node2[2]);
     let hostile = [
         ("0.0.0.0-0", "198.18.0.99", "default_route"),
         ("198.18.0.0-24", "198.18.0.98", "outside_network"),
-        ("10.244.0.0-16", "198.18.0.97", "overlap"),
+        ("10.244.0.0-16", "198.18.0.97", "subnet_len"),
         ("10.244.200.0-24", "127.0.0.1", "public_ip"),
+        (over_node2.as_str(), "198.18.0.96", "subnet_len"),
     ];
     for (i, (key, ip, _)) in hostile.iter().enumerate() {
         let mac = format!("0e:00:00:00:00:9{i}");
@@ -85,10 +89,11 @@ fn hostile_leases_never_touch_the_nodes_routes(backend: Backend, dataplane: Data
         || {
             metrics = lab.http_get(1, HEALTHZ_PORT, "/metrics")?.1;
             Ok(hostile.iter().all(|(_, _, reason)| {
+                let expected = hostile.iter().filter(|(_, _, r)| r == reason).count();
                 metric(
                     &metrics,
                     &format!("weft_leases_rejected{{reason=\"{reason}\"}}"),
-                ) == Some(1.0)
+                ) == Some(expected as f64)
             }))
         },
     )
