@@ -123,6 +123,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     )?;
     info!("firewall: {why}");
     match &nat {
+        Some(n) if n.drain => info!(
+            "masquerade: the {} rule; the BPF programs keep translating the flows they mapped in an earlier run until those end",
+            firewall.name()
+        ),
         Some(n) => info!(
             ports = %format!("{}-{}", n.ports.0, n.ports.1),
             table_size = n.table_size,
@@ -520,11 +524,31 @@ fn bpf_options(args: &AgentArgs, nat: Option<NatSettings>) -> BpfOptions {
 }
 
 /// The BPF source NAT wanted by the flags (if the BPF dataplane runs): `--ip-masq` with
-/// `--masquerade bpf` (experimental; `auto` is the firewall's masquerade).
+/// `--masquerade bpf` (experimental; `auto` is the firewall's masquerade). Without it, if an
+/// earlier run's BPF source NAT left flows holding mappings, the programs keep translating
+/// those until they end (drain): switched off at once, their packets would leave with the
+/// pod's address, since the node's conntrack made their entries without NAT.
 fn nat_settings(args: &AgentArgs) -> Result<Option<NatSettings>> {
-    use masq::MasqueradeChoice::*;
-    if !args.ip_masq || args.masquerade != Bpf {
-        return Ok(None);
+    let wanted = args.ip_masq && args.masquerade == masq::MasqueradeChoice::Bpf;
+    if !wanted {
+        if args.dataplane == bpf::DataplaneChoice::Kernel {
+            return Ok(None);
+        }
+        return Ok(bpf::nat::leftover(&args.bpf_dir).map(|(ports, table_size, flows)| {
+            warn!(
+                flows,
+                "BPF source NAT is not wanted (--masquerade={:?}{}), but flows of an earlier run hold BPF mappings: they keep them until they end; new flows take the firewall's masquerade",
+                args.masquerade,
+                if args.ip_masq { "" } else { ", no --ip-masq" },
+            );
+            NatSettings {
+                ports,
+                table_size,
+                exclude: args.masquerade_exclude.clone(),
+                fast_path: false,
+                drain: true,
+            }
+        }));
     }
     if args.dataplane == bpf::DataplaneChoice::Kernel {
         bail!("--masquerade=bpf needs the BPF dataplane, but --dataplane=kernel: use --dataplane=auto or bpf, or --masquerade=nftables|iptables");
@@ -536,6 +560,7 @@ fn nat_settings(args: &AgentArgs) -> Result<Option<NatSettings>> {
         table_size: args.masquerade_table_size,
         exclude: args.masquerade_exclude.clone(),
         fast_path: args.masquerade_fast_path,
+        drain: false,
     }))
 }
 

@@ -217,6 +217,10 @@ pub const NAT_ENABLED: u32 = 1;
 /// translated and sent from the pod's veth, replies delivered into the pod
 /// (`--masquerade-fast-path`, experimental).
 pub const NAT_FAST: u32 = 2;
+/// `DataplaneConfig::nat_flags`: BPF source NAT was switched off while flows held
+/// mappings: those keep them until they end, new flows are left to the kernel's
+/// masquerade (`from_pod` marks only mapped flows).
+pub const NAT_DRAIN: u32 = 4;
 
 /// A flow as the NAT maps key it: for `nat`, the pod's packet (pod → outside); for
 /// `nat_reverse`, its replies (outside → the node's address and allocated port). Ports

@@ -31,7 +31,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_common::{
-    Counter, DataplaneConfig, NatEntry, NatKey, CONFIG_FAST_PATH_OFF, NAT_ENABLED, NAT_FAST,
+    Counter, DataplaneConfig, NatEntry, NatKey, CONFIG_FAST_PATH_OFF, NAT_DRAIN, NAT_ENABLED, NAT_FAST,
     NAT_FAST_OK, NAT_MARK, NAT_SEEN_CLOSE, NAT_SEEN_REPLY,
 };
 
@@ -115,7 +115,7 @@ pub fn mark_from_pod(ctx: &TcContext, cfg: &DataplaneConfig, ip: &Ipv4Hdr, agent
         maps::nat(&NatKey::new(ip.protocol, ip.saddr, sport, ip.daddr, dport)).is_some()
     });
     if !mapped {
-        if agent_gone {
+        if agent_gone || cfg.nat_flags & NAT_DRAIN != 0 {
             return;
         }
         if maps::nat_entries() >= u64::from(cfg.nat_limit) {

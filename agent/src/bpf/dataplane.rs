@@ -24,8 +24,8 @@ use tracing::{debug, info, warn};
 use weft_common::{
     DataplaneConfig, EndpointEntry, EndpointKey, LeaseEntry, PeerEntry, PeerKey,
     CONFIG_FAST_PATH_OFF, CONFIG_LEASES_INCOMPLETE, CONFIG_POLICY_UNKNOWN, LEASE_DIRECT,
-    LEASE_VXLAN, MAP_CONFIG, MAP_ENDPOINTS, MAP_LEASES, MAP_NAT_EXCLUDE, MAP_PEERS, NAT_ENABLED,
-    NAT_FAST, PROG_FROM_NETDEV, PROG_TO_NETDEV,
+    LEASE_VXLAN, MAP_CONFIG, MAP_ENDPOINTS, MAP_LEASES, MAP_NAT_EXCLUDE, MAP_PEERS, NAT_DRAIN,
+    NAT_ENABLED, NAT_FAST, PROG_FROM_NETDEV, PROG_TO_NETDEV,
 };
 
 use super::endpoints::PodWatcher;
@@ -172,6 +172,7 @@ impl BpfDataplane {
             network: self.network.network().octets(),
             network_mask: self.network.mask().octets(),
             nat_flags: match &self.options.nat {
+                Some(n) if n.drain => NAT_ENABLED | NAT_DRAIN,
                 Some(n) if n.fast_path => NAT_ENABLED | NAT_FAST,
                 Some(_) => NAT_ENABLED,
                 None => 0,

@@ -11,8 +11,8 @@ use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use ipnetwork::Ipv4Network;
 
 use weft_common::{
-    NatClaim, NatEntry, NatKey, NatState, MAP_NAT, MAP_NAT_CLAIMS, MAP_NAT_REVERSE, MAP_NAT_STATE,
-    NAT_SEEN_CLOSE, NAT_SEEN_REPLY,
+    DataplaneConfig, NatClaim, NatEntry, NatKey, NatState, MAP_CONFIG, MAP_NAT, MAP_NAT_CLAIMS,
+    MAP_NAT_REVERSE, MAP_NAT_STATE, NAT_SEEN_CLOSE, NAT_SEEN_REPLY,
 };
 
 use super::bpffs;
@@ -32,6 +32,9 @@ pub struct NatSettings {
     pub exclude: Vec<Ipv4Network>,
     /// `--masquerade-fast-path`.
     pub fast_path: bool,
+    /// BPF source NAT is no longer wanted, but flows of an earlier run still hold
+    /// mappings: they keep them until they end, new flows go to the kernel's masquerade.
+    pub drain: bool,
 }
 
 impl NatSettings {
@@ -51,8 +54,8 @@ pub fn port_range(flag: Option<&str>) -> Result<(u16, u16)> {
             Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
         });
         return match parsed {
-            Some((lo, hi)) if 1024 <= lo && lo <= hi => Ok((lo, hi)),
-            _ => bail!("--masquerade-ports {text:?} is not a range like 61000-65535 (from 1024, low before high)"),
+            Some((lo, hi)) if 1024 <= lo && lo <= hi && (lo, hi) != (1024, 65535) => Ok((lo, hi)),
+            _ => bail!("--masquerade-ports {text:?} is not a range like 61000-65535 (from 1024, low before high, leaving ports for the kernel's masquerade)"),
         };
     }
     let path = "/proc/sys/net/ipv4/ip_local_port_range";
@@ -70,14 +73,33 @@ pub fn port_range(flag: Option<&str>) -> Result<(u16, u16)> {
     Ok((hi + 1, 65535))
 }
 
-/// The ports of the kernel masquerade's fallback: the rest, so that both never pick the
-/// same port toward the same destination.
+/// The ports of the kernel masquerade's fallback: the rest (the larger side of the BPF
+/// range), so that both never pick the same port toward the same destination. `port_range`
+/// never returns a range that leaves none.
 pub fn fallback_ports(nat: (u16, u16)) -> (u16, u16) {
-    if nat.0 > 1024 {
+    let below = nat.0.saturating_sub(1024);
+    let above = 65535 - nat.1;
+    if below >= above {
         (1024, nat.0 - 1)
     } else {
-        (nat.1.saturating_add(1), 65535)
+        (nat.1 + 1, 65535)
     }
+}
+
+/// What an earlier run's BPF source NAT left pinned under `dir`: its port range, its
+/// table's size and how many flows still hold mappings. `None` when no flow does.
+pub fn leftover(dir: &Path) -> Option<((u16, u16), u32, usize)> {
+    let nat: NatMap = open(dir, MAP_NAT).ok()?.try_into().ok()?;
+    let mappings = nat.keys().filter(Result::is_ok).count();
+    if mappings == 0 {
+        return None;
+    }
+    let size = aya::maps::MapInfo::from_pin(bpffs::pin_path(dir, MAP_NAT))
+        .ok()?
+        .max_entries();
+    let config: Array<MapData, DataplaneConfig> = open(dir, MAP_CONFIG).ok()?.try_into().ok()?;
+    let c = config.get(&0, 0).ok()?;
+    (c.nat_port_min != 0).then_some(((c.nat_port_min, c.nat_port_max), size, mappings))
 }
 
 /// The key of the replies of the flow `key` mapped to `out` (the node's address and port).
@@ -269,6 +291,12 @@ mod tests {
     fn the_fallback_takes_the_other_ports() {
         assert_eq!(fallback_ports((61000, 65535)), (1024, 60999));
         assert_eq!(fallback_ports((1024, 2047)), (2048, 65535));
+        assert_eq!(fallback_ports((1025, 65535)), (1024, 1024));
+        assert_eq!(fallback_ports((30000, 65534)), (1024, 29999));
+        assert!(
+            port_range(Some("1024-65535")).is_err(),
+            "no room for the fallback"
+        );
     }
 
     #[test]
