@@ -359,20 +359,79 @@ pub fn converse(
 pub fn udp_queries(ns: &str, dst: SocketAddrV4, ports: std::ops::Range<u16>) -> Result<usize> {
     in_netns(ns, move || {
         let mut answered = 0;
-        let mut buf = [0u8; 256];
         for port in ports {
-            let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
-                .with_context(|| format!("binding UDP port {port}"))?;
-            socket.connect(dst)?;
-            socket.set_read_timeout(Some(Duration::from_secs(1)))?;
-            socket
-                .send(b"query\n")
-                .with_context(|| format!("sending to {dst} from port {port}"))?;
-            if socket.recv(&mut buf).is_ok() {
+            if ask_once(port, dst, Duration::from_secs(1))?.is_some() {
                 answered += 1;
             }
         }
         Ok(answered)
     })
     .with_context(|| format!("in {ns}"))
+}
+
+/// What a [`dns_like_load`] saw.
+#[derive(Clone, Debug, Default)]
+pub struct QueryLoad {
+    pub sent: u64,
+    pub answered: u64,
+    /// Queries sent per second, as achieved.
+    pub per_second: f64,
+    /// The source addresses the server saw.
+    pub seen: std::collections::BTreeSet<Ipv4Addr>,
+}
+
+impl QueryLoad {
+    pub fn answered_percent(&self) -> f64 {
+        if self.sent == 0 {
+            return 0.0;
+        }
+        100.0 * self.answered as f64 / self.sent as f64
+    }
+}
+
+/// A DNS-like load from namespace `ns`: `rate` queries a second for `seconds`, each from a
+/// fresh socket (a new source port the kernel picks, so a new flow each), each answer
+/// awaited up to half a second on the socket that asked, as a stub resolver or a
+/// forwarding cache miss does. Bounded: at most `rate * seconds` queries.
+pub fn dns_like_load(ns: &str, dst: SocketAddrV4, rate: u32, seconds: u32) -> Result<QueryLoad> {
+    in_netns(ns, move || {
+        let total = u64::from(rate) * u64::from(seconds);
+        let every = Duration::from_secs(1) / rate.max(1);
+        let started = Instant::now();
+        let mut load = QueryLoad::default();
+        while load.sent < total {
+            // Paced: query n goes out at n * every, not faster.
+            let due = every * load.sent as u32;
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            load.sent += 1;
+            if let Some(seen) = ask_once(0, dst, Duration::from_millis(500))? {
+                load.answered += 1;
+                load.seen.insert(*seen.ip());
+            }
+        }
+        load.per_second = load.sent as f64 / started.elapsed().as_secs_f64();
+        Ok(load)
+    })
+    .with_context(|| format!("in {ns}"))
+}
+
+/// One query from source port `port` (0: any) to `dst`; the address the server saw, if an
+/// answer came within `timeout`.
+fn ask_once(port: u16, dst: SocketAddrV4, timeout: Duration) -> Result<Option<SocketAddrV4>> {
+    let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+        .with_context(|| format!("binding UDP port {port}"))?;
+    socket.connect(dst)?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket
+        .send(b"query\n")
+        .with_context(|| format!("sending to {dst} from port {port}"))?;
+    let mut buf = [0u8; 256];
+    match socket.recv(&mut buf) {
+        Ok(n) => Ok(reply(&buf[..n], socket.local_addr()?)
+            .ok()
+            .map(|r| r.seen_by_server)),
+        Err(_) => Ok(None),
+    }
 }

@@ -649,6 +649,21 @@ impl Lab {
         self.wait_agent_ready(index, before).map(drop)
     }
 
+    /// Restarts the agent of node `index` with its flags as `edit` leaves them (for a
+    /// flag switched between runs, as an operator would), and waits until it is ready.
+    pub fn restart_agent_with(
+        &mut self,
+        index: usize,
+        edit: impl FnOnce(&mut Vec<String>),
+    ) -> Result<()> {
+        self.stop_agent(index);
+        let mut args = self.agent_args(index)?;
+        edit(&mut args);
+        let env = self.agent_env(index);
+        let (_, before) = self.spawn_agent_command(index, args, env)?;
+        self.wait_agent_ready(index, before).map(drop)
+    }
+
     /// Spawns `weft agent` on node `index` and returns at once: the instant just before
     /// the spawn and the subnet file's stamp before it (for `wait_agent_ready`).
     pub fn spawn_agent(&mut self, index: usize) -> Result<(Instant, Option<FileStamp>)> {

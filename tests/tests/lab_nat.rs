@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use weft_common::Counter;
 use weft_tests::conn_rate::{connection_rate, ConnRate, ConnServer};
-use weft_tests::echo::{call, EchoServer, HeldConnection};
+use weft_tests::echo::{call, dns_like_load, EchoServer, HeldConnection};
 use weft_tests::exec::{ip, Cmd};
 use weft_tests::kube_proxy::{Protocol, ProxyMode, Service};
 use weft_tests::lab::EXTERNAL_HOST;
@@ -51,6 +51,31 @@ fn ready(lab: &Lab, pods: &[Pod]) {
     }
 }
 
+/// A capture of everything that leaves toward the outside with a pod source (for at most
+/// 60 s): none may show up (the excluded host is the one destination that keeps it).
+fn leak_capture(lab: &Lab) -> weft_tests::process::Capture {
+    let leak_filter = format!(
+        "ip and src net 10.244.0.0/16 and not dst net 10.244.0.0/16 and not dst host {EXCLUDED_HOST}"
+    );
+    lab.tcpdump(
+        lab.fabric_ns(),
+        "br0",
+        &leak_filter,
+        1,
+        Duration::from_secs(60),
+    )
+    .expect("tcpdump on the fabric")
+}
+
+/// Fails if `leaks` saw a packet.
+fn assert_no_leak(leaks: weft_tests::process::Capture) {
+    let leaked = leaks.stop();
+    assert!(
+        !leaked.lines().any(|l| l.starts_with("IP ")),
+        "packets left toward the outside with a pod source:\n{leaked}"
+    );
+}
+
 fn server(lab: &Lab, protocol: Protocol, host: Ipv4Addr, port: u16) -> EchoServer {
     EchoServer::start(lab.fabric_ns(), SocketAddrV4::new(host, port), protocol)
         .expect("echo server on the fabric")
@@ -80,20 +105,7 @@ fn translates_tcp_udp_and_icmp_and_leaks_no_pod_address(backend: Backend) {
     ready(&lab, &pods);
     let pod: &Pod = &pods[0];
     let node = pod.node;
-    // Everything that leaves toward the outside is captured: no pod source may show up
-    // (the excluded host is the one destination that keeps it).
-    let leak_filter = format!(
-        "ip and src net 10.244.0.0/16 and not dst net 10.244.0.0/16 and not dst host {EXCLUDED_HOST}"
-    );
-    let leaks = lab
-        .tcpdump(
-            lab.fabric_ns(),
-            "br0",
-            &leak_filter,
-            1,
-            Duration::from_secs(60),
-        )
-        .unwrap();
+    let leaks = leak_capture(&lab);
     let before = lab.bpf_counters(node).unwrap();
 
     let tcp = server(&lab, Protocol::Tcp, EXTERNAL_HOST, 8080);
@@ -187,11 +199,7 @@ fn translates_tcp_udp_and_icmp_and_leaks_no_pod_address(backend: Backend) {
         })
         .unwrap();
     assert_eq!(source, pod.ip);
-    let leaked = leaks.stop();
-    assert!(
-        !leaked.lines().any(|l| l.starts_with("IP ")),
-        "packets left toward the outside with a pod source:\n{leaked}"
-    );
+    assert_no_leak(leaks);
     drop((tcp, udp));
 }
 
@@ -742,4 +750,127 @@ fn a_connection_storm_loses_no_connection_at_the_uplink() {
 #[test]
 fn a_connection_storm_loses_no_connection_on_the_fast_path() {
     a_connection_storm_loses_no_connection(&["--masquerade-fast-path"]);
+}
+
+/// The default, as users run it (`--ip-masq`, `--dataplane=auto`, `--masquerade auto`): the
+/// kernel's masquerade, next to the BPF dataplane. A DNS-like load (a new UDP flow per
+/// query to one resolver outside the cluster, 1,000 a second for 8 s: more flows than BPF
+/// source NAT has ports toward one destination) is answered in full, every query leaving
+/// with the node's address, and the BPF programs translated none of it.
+fn the_default_masquerade_answers_a_dns_like_load(backend: Backend) {
+    let mut lab = Lab::start(LabConfig {
+        nodes: 1,
+        backend,
+        ip_masq: true,
+        dataplane: Dataplane::Auto,
+        ..Default::default()
+    })
+    .expect("lab starts");
+    let pod = lab.add_pod(1).expect("a pod");
+    // A pod that has talked is learned.
+    wait_until("the pod reaches the outside", WAIT, || {
+        Ok(lab.ping(&pod, EXTERNAL_HOST))
+    })
+    .unwrap();
+    lab.wait_bpf_synced(1, WAIT)
+        .expect("the BPF dataplane runs under auto");
+    let _resolver = server(&lab, Protocol::Udp, EXTERNAL_HOST, 53);
+    let before = lab.bpf_counters(1).unwrap();
+    let load = dns_like_load(&pod.ns, SocketAddrV4::new(EXTERNAL_HOST, 53), 1_000, 8)
+        .expect("the load runs");
+    let grew = lab.bpf_counters(1).unwrap().since(&before);
+    eprintln!(
+        "{} queries at {:.0}/s, {:.2}% answered; BPF counters: {grew}",
+        load.sent,
+        load.per_second,
+        load.answered_percent()
+    );
+    assert_eq!(load.sent, 8_000);
+    assert_eq!(load.answered, load.sent, "every query is answered");
+    assert!(
+        load.per_second >= 900.0,
+        "the load ran at {:.0}/s",
+        load.per_second
+    );
+    assert_eq!(
+        load.seen,
+        [lab.node_ip(1)].into_iter().collect(),
+        "the resolver saw only the node's address"
+    );
+    assert_eq!(
+        grew.get(Counter::NatOut) + grew.get(Counter::NatAlloc),
+        0,
+        "auto must not pick BPF source NAT: {grew}"
+    );
+}
+
+#[test]
+fn the_default_masquerade_answers_a_dns_like_load_on_vxlan() {
+    the_default_masquerade_answers_a_dns_like_load(Backend::Vxlan);
+}
+
+#[test]
+fn the_default_masquerade_answers_a_dns_like_load_on_host_gw() {
+    the_default_masquerade_answers_a_dns_like_load(Backend::HostGw);
+}
+
+/// BPF source NAT switched off (the agent restarted without `--masquerade=bpf`, as an
+/// upgrade to the new default does) while a pod's connection to the outside holds a
+/// mapping: the node's conntrack made that connection's entry without NAT, so the programs
+/// keep translating it until it ends (drain); new flows take the kernel's masquerade. A
+/// capture on the fabric sees no pod source all along.
+fn switching_bpf_nat_off_drains_live_flows_and_leaks_nothing(backend: Backend) {
+    let mut lab = nat_lab(backend, &[]);
+    let pods = lab.add_pods(1).unwrap();
+    ready(&lab, &pods);
+    let pod = &pods[0];
+    let leaks = leak_capture(&lab);
+    let tcp = server(&lab, Protocol::Tcp, EXTERNAL_HOST, 9300);
+    let mut held = HeldConnection::open(&pod.ns, 0, tcp.addr, WAIT).expect("a connection out");
+    let first = held.request().expect("answered through BPF NAT");
+    assert_eq!(*first.seen_by_server.ip(), lab.node_ip(pod.node));
+    assert!(
+        NAT_PORTS.contains(&first.seen_by_server.port()),
+        "{first:?}"
+    );
+
+    lab.restart_agent_with(pod.node, |args| args.retain(|a| a != "--masquerade=bpf"))
+        .expect("the agent restarts with the default masquerade");
+    assert!(
+        lab.agent_log_tail(pod.node, 200)
+            .contains("flows of an earlier run hold BPF mappings"),
+        "{}",
+        lab.agent_log_tail(pod.node, 40)
+    );
+    let before = lab.bpf_counters(pod.node).unwrap();
+    let again = held
+        .request()
+        .expect("the live connection is still answered");
+    assert_eq!(
+        again.seen_by_server, first.seen_by_server,
+        "the same translation"
+    );
+    let fresh = call(&pod.ns, tcp.addr, Protocol::Tcp, WAIT).expect("a new connection out");
+    assert_eq!(*fresh.seen_by_server.ip(), lab.node_ip(pod.node));
+    let grew = lab.bpf_counters(pod.node).unwrap().since(&before);
+    assert_eq!(
+        grew.get(Counter::NatAlloc),
+        0,
+        "a new flow got a BPF mapping after BPF NAT was switched off: {grew}"
+    );
+    assert!(
+        grew.get(Counter::NatOut) > 0,
+        "the live flow was not translated: {grew}"
+    );
+    assert_no_leak(leaks);
+}
+
+#[test]
+fn switching_bpf_nat_off_drains_live_flows_and_leaks_nothing_on_vxlan() {
+    switching_bpf_nat_off_drains_live_flows_and_leaks_nothing(Backend::Vxlan);
+}
+
+#[test]
+fn switching_bpf_nat_off_drains_live_flows_and_leaks_nothing_on_host_gw() {
+    switching_bpf_nat_off_drains_live_flows_and_leaks_nothing(Backend::HostGw);
 }
