@@ -9,7 +9,7 @@ use weft_common::Counter;
 use weft_tests::conn_rate::{connection_rate, ConnRate, ConnServer};
 use weft_tests::echo::{call, dns_like_load, EchoServer, HeldConnection};
 use weft_tests::exec::{ip, Cmd};
-use weft_tests::kube_proxy::{Protocol, ProxyMode, Service};
+use weft_tests::kube_proxy::{Protocol, ProxyMode, Service, TrafficPolicy};
 use weft_tests::lab::EXTERNAL_HOST;
 use weft_tests::{wait_until, Backend, Dataplane, Lab, LabConfig, Pod};
 
@@ -802,6 +802,67 @@ fn the_default_masquerade_answers_a_dns_like_load(backend: Backend) {
         0,
         "auto must not pick BPF source NAT: {grew}"
     );
+}
+
+/// The default next to kube-proxy's own masquerade (`--random-fully`, ports from all of
+/// 1024-65535) toward the same destination: a pod's DNS-like load to the resolver outside,
+/// and at the same time a client on the underlay asking the same resolver through a
+/// NodePort Service (externalTrafficPolicy Cluster, so kube-proxy masquerades it to the
+/// node's address). Both translations share the node's address and the resolver's port;
+/// one conntrack table keeps their ports apart, so every query of both is answered.
+fn the_default_masquerade_shares_a_destination_with_kube_proxys(mode: ProxyMode) {
+    let mut lab = Lab::start(LabConfig {
+        nodes: 1,
+        backend: Backend::Vxlan,
+        ip_masq: true,
+        dataplane: Dataplane::Auto,
+        ..Default::default()
+    })
+    .expect("lab starts");
+    let pod = lab.add_pod(1).expect("a pod");
+    wait_until("the pod reaches the outside", WAIT, || {
+        Ok(lab.ping(&pod, EXTERNAL_HOST))
+    })
+    .unwrap();
+    let _resolver = server(&lab, Protocol::Udp, EXTERNAL_HOST, 53);
+    let node_port = 30053;
+    let service = Service::cluster_ip("resolver", Ipv4Addr::new(10, 96, 0, 53), 53, Protocol::Udp)
+        .node_port(node_port, TrafficPolicy::Cluster)
+        .endpoint(EXTERNAL_HOST, 0, 53);
+    lab.install_kube_proxy(mode, &[service]).unwrap();
+    let resolver = SocketAddrV4::new(EXTERNAL_HOST, 53);
+    let via_node_port = SocketAddrV4::new(lab.node_ip(1), node_port);
+    let (from_pod, from_underlay) = std::thread::scope(|scope| {
+        let underlay = scope.spawn(|| dns_like_load(lab.fabric_ns(), via_node_port, 500, 6));
+        let pod = dns_like_load(&pod.ns, resolver, 1_000, 6);
+        (pod, underlay.join().expect("the underlay client"))
+    });
+    let (from_pod, from_underlay) = (from_pod.unwrap(), from_underlay.unwrap());
+    eprintln!(
+        "pod: {}/{} answered; underlay via NodePort: {}/{} answered",
+        from_pod.answered, from_pod.sent, from_underlay.answered, from_underlay.sent
+    );
+    assert_eq!(from_pod.answered, from_pod.sent, "the pod's queries");
+    assert_eq!(
+        from_underlay.answered, from_underlay.sent,
+        "the NodePort client's queries"
+    );
+    let node = [lab.node_ip(1)].into_iter().collect();
+    assert_eq!(from_pod.seen, node, "the resolver saw the pod as the node");
+    assert_eq!(
+        from_underlay.seen, node,
+        "kube-proxy masqueraded the NodePort client"
+    );
+}
+
+#[test]
+fn the_default_masquerade_shares_a_destination_with_kube_proxys_iptables_rules() {
+    the_default_masquerade_shares_a_destination_with_kube_proxys(ProxyMode::Iptables);
+}
+
+#[test]
+fn the_default_masquerade_shares_a_destination_with_kube_proxys_nftables_rules() {
+    the_default_masquerade_shares_a_destination_with_kube_proxys(ProxyMode::Nftables);
 }
 
 #[test]
