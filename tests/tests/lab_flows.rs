@@ -10,7 +10,10 @@ use weft_common::Counter;
 use weft_tests::echo::{udp_queries, HeldConnection};
 use weft_tests::exec::{run_in, wait_until};
 use weft_tests::kube_proxy::ProxyMode;
-use weft_tests::workload::{SecondNode, Workload, DNS_PORT, HTTP_PORT, SVC_DNS, SVC_REMOTE};
+use weft_tests::lab::EXTERNAL_HOST;
+use weft_tests::workload::{
+    SecondNode, Workload, DNS_PORT, EXTERNAL_PORT, HOST_PORT, HTTP_PORT, SVC_DNS, SVC_REMOTE,
+};
 use weft_tests::{Backend, Dataplane, Lab, LabConfig};
 
 const CONVERGENCE: Duration = Duration::from_secs(15);
@@ -42,7 +45,7 @@ fn lab(backend: Backend) -> Lab {
 /// evicted: its replies still meet the stack that un-DNATs them), the flooding pod's
 /// traffic takes the kernel path and crosses, and once conntrack has forgotten the burst
 /// the pod rides the fast path again.
-fn a_flood_of_new_flows_keeps_an_established_service_connection(backend: Backend) {
+fn a_flood_of_new_flows_keeps_established_translated_connections(backend: Backend) {
     let mut lab = lab(backend);
     // The burst's (and the pings') conntrack entries expire in seconds (default 30 s).
     for sysctl in [
@@ -54,21 +57,59 @@ fn a_flood_of_new_flows_keeps_an_established_service_connection(backend: Backend
     }
     let workload = Workload::deploy(&mut lab, SecondNode::Weft, ProxyMode::Iptables)
         .expect("the workload deploys");
-    let pods = [&workload.client, &workload.web1, &workload.web2].map(|p| p.clone());
+    let flooder = lab.add_pod(1).expect("the flooding pod");
+    let pods = [
+        &workload.client,
+        &workload.web1,
+        &workload.web2,
+        &workload.client2,
+        &flooder,
+    ]
+    .map(|p| p.clone());
     lab.assert_all_pairs_ping(&pods, "the workload's pods", CONVERGENCE);
     lab.wait_bpf_synced(1, BPF_SYNC)
         .expect("node 1's BPF dataplane is complete");
 
-    let service = SocketAddrV4::new(SVC_REMOTE, HTTP_PORT);
-    let mut held = HeldConnection::open(&workload.client.ns, 0, service, Duration::from_secs(5))
-        .expect("a TCP connection through the Service");
-    let first = held.request().expect("the Service answers");
-    assert_eq!(*first.seen_by_server.ip(), workload.client.ip);
+    let hold = |ns: &str, to: SocketAddrV4, what: &str| {
+        let mut held = HeldConnection::open(ns, 0, to, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        let first = held.request().unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        (held, first, what.to_string())
+    };
+    let mut held = [
+        hold(
+            &workload.client.ns,
+            SocketAddrV4::new(SVC_REMOTE, HTTP_PORT),
+            "through a Service to node 2 (DNAT)",
+        ),
+        hold(
+            &workload.client2.ns,
+            SocketAddrV4::new(lab.node_ip(1), HOST_PORT),
+            "from node 2 to node 1's hostPort (portmap)",
+        ),
+        hold(
+            &workload.client.ns,
+            SocketAddrV4::new(EXTERNAL_HOST, EXTERNAL_PORT),
+            "to the outside (masquerade)",
+        ),
+    ];
+    let mut ask_all = |when: &str| {
+        for (connection, first, what) in held.iter_mut() {
+            let reply = connection
+                .request()
+                .unwrap_or_else(|e| panic!("the connection {what} {when}: {e:#}"));
+            assert_eq!(reply.local, first.local, "{what}: the same connection");
+            assert_eq!(
+                reply.seen_by_server, first.seen_by_server,
+                "{what}: the same translation"
+            );
+        }
+    };
 
     let before = lab.bpf_counters(1).unwrap();
     let queries = 8 * TABLE;
     let answered = udp_queries(
-        &workload.web1.ns,
+        &flooder.ns,
         SocketAddrV4::new(SVC_DNS, DNS_PORT),
         20_000..20_000 + queries,
     )
@@ -88,12 +129,9 @@ fn a_flood_of_new_flows_keeps_an_established_service_connection(backend: Backend
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.diagnostics()));
 
-    let reply = held
-        .request()
-        .expect("the held Service connection is answered after the flood");
-    assert_eq!(reply.local, first.local, "the same connection");
+    ask_all("after the flood");
     assert!(
-        lab.ping(&workload.web1, workload.web2.ip),
+        lab.ping(&flooder, workload.web2.ip),
         "the flooding pod's traffic crosses on the kernel path"
     );
     let during = lab.bpf_counters(1).unwrap().since(&before);
@@ -103,7 +141,7 @@ fn a_flood_of_new_flows_keeps_an_established_service_connection(backend: Backend
     );
     assert!(
         during.get(Counter::StackFlow) > 0,
-        "the Service reply did not take the stack: {during}"
+        "the translated replies did not take the stack: {during}"
     );
     assert_eq!(during.drops(), 0, "drops: {during}");
 
@@ -120,23 +158,22 @@ fn a_flood_of_new_flows_keeps_an_established_service_connection(backend: Backend
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.agent_log_tail(1, 40)));
     let before = lab.bpf_counters(1).unwrap();
-    assert!(lab.ping(&workload.web1, workload.web2.ip));
+    assert!(lab.ping(&flooder, workload.web2.ip));
     let after = lab.bpf_counters(1).unwrap().since(&before);
     assert!(
         after.get(Counter::PodOnStack) == 0
             && after.get(Counter::Encap) + after.get(Counter::DirectOut) > 0,
         "the released pod's ping did not take the fast path: {after}"
     );
-    held.request()
-        .expect("the held Service connection is answered after the pod's release");
+    ask_all("after the pod's release");
 }
 
 #[test]
-fn a_flood_of_new_flows_keeps_an_established_service_connection_on_vxlan() {
-    a_flood_of_new_flows_keeps_an_established_service_connection(Backend::Vxlan);
+fn a_flood_of_new_flows_keeps_established_translated_connections_on_vxlan() {
+    a_flood_of_new_flows_keeps_established_translated_connections(Backend::Vxlan);
 }
 
 #[test]
-fn a_flood_of_new_flows_keeps_an_established_service_connection_on_host_gw() {
-    a_flood_of_new_flows_keeps_an_established_service_connection(Backend::HostGw);
+fn a_flood_of_new_flows_keeps_established_translated_connections_on_host_gw() {
+    a_flood_of_new_flows_keeps_established_translated_connections(Backend::HostGw);
 }
