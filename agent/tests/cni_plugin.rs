@@ -216,6 +216,16 @@ impl Lab {
         self.dir.path().join("var/lib/cni/flannel")
     }
 
+    fn records_dir(&self) -> PathBuf {
+        self.dir.path().join("var/lib/cni/weft")
+    }
+
+    /// The pod record ADD wrote for the agent (`<network>-<containerID>-eth0`).
+    fn record(&self, pod: usize) -> PathBuf {
+        let name = format!("{}-{}-eth0", self.network, self.container_id(pod));
+        self.records_dir().join(name)
+    }
+
     fn write_subnet_env(&self) {
         std::fs::create_dir_all(self.subnet_file().parent().unwrap()).unwrap();
         std::fs::write(self.subnet_file(), SUBNET_ENV).unwrap();
@@ -234,6 +244,7 @@ impl Lab {
             "delegate": { "hairpinMode": true, "isDefaultGateway": true },
             "subnetFile": self.subnet_file(),
             "dataDir": self.data_dir(),
+            "recordsDir": self.records_dir(),
         })
     }
 
@@ -379,6 +390,26 @@ fn lifecycle(cni_version: &str, pod_count: usize) {
                 }
             })
         );
+        // The record names the pod's address, its MAC and the veth the bridge plugin made.
+        assert_eq!(mode(&lab.record(pod)), 0o600);
+        let record = weft::cni::record::parse(&std::fs::read(lab.record(pod)).unwrap())
+            .unwrap_or_else(|why| panic!("the pod record {why}"));
+        assert_eq!(record.container_id, lab.container_id(pod));
+        assert_eq!(record.ips, [address.ip()]);
+        let eth0_mac: weft::lease::MacAddr = eth0["address"].as_str().unwrap().parse().unwrap();
+        assert_eq!(record.pod_mac, Some(eth0_mac));
+        let peer = ip_json(&["-n", pod_ns, "link", "show", "dev", "eth0"])[0]["link_index"].clone();
+        let veth = lab
+            .node_veths()
+            .into_iter()
+            .find(|v| v["ifindex"] == peer)
+            .unwrap_or_else(|| panic!("no veth #{peer}"));
+        assert!(
+            record
+                .host_ifaces
+                .contains(veth["ifname"].as_str().unwrap()),
+            "{record:?} {veth}"
+        );
         let reservation =
             std::fs::read_to_string(lab.host_local_reservation(address.ip())).unwrap();
         assert!(
@@ -459,6 +490,7 @@ fn lifecycle(cni_version: &str, pod_count: usize) {
             !lab.data_dir().join(lab.container_id(pod)).exists(),
             "stored config removed"
         );
+        assert!(!lab.record(pod).exists(), "pod record removed");
         assert!(!lab.pod_has_eth0(pod), "pod's eth0 removed");
         assert!(
             !lab.host_local_reservation(address.ip()).exists(),

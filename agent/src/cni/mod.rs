@@ -8,6 +8,7 @@
 mod delegate;
 mod error;
 pub mod netconf;
+pub mod record;
 mod store;
 
 use std::io::Read;
@@ -207,6 +208,14 @@ pub fn add(invocation: &Invocation, conf: &NetConf) -> Result<String, CniError> 
     // needs it to undo what the delegate did.
     store::save(&conf.data_dir, &invocation.container_id, &bytes).map_err(io_failure)?;
     let result = delegate::exec(&plugin, Command::Add, &bytes)?;
+    // What the agent may install as this pod's endpoint; without it the pod's traffic
+    // takes the kernel path. A failed ADD is undone by the runtime's DEL.
+    if let Ok(parsed) = serde_json::from_slice::<Value>(&result) {
+        let (network, id, ifname) = (&conf.name, &invocation.container_id, &invocation.ifname);
+        let name = record::file_name(network, id, ifname);
+        let bytes = record::encode(network, id, ifname, &parsed);
+        store::save(&conf.records_dir, &name, &bytes).map_err(io_failure)?;
+    }
     Ok(String::from_utf8_lossy(&result).into_owned())
 }
 
@@ -226,6 +235,9 @@ fn parse_stored(bytes: &[u8]) -> Result<(Value, String), String> {
 /// no stored config there is nothing to undo.
 pub fn del(invocation: &Invocation, conf: &NetConf) -> Result<(), CniError> {
     let (data_dir, id) = (&conf.data_dir, &invocation.container_id);
+    // First: the agent stops delivering to the pod before its address can be reused.
+    let record = record::file_name(&conf.name, id, &invocation.ifname);
+    store::remove(&conf.records_dir, &record).map_err(io_failure)?;
     let Some(bytes) = store::load(data_dir, id).map_err(io_failure)? else {
         return Ok(());
     };

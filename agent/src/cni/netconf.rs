@@ -21,6 +21,9 @@ pub struct NetConf {
     pub cni_version: String,
     pub subnet_file: PathBuf,
     pub data_dir: PathBuf,
+    /// `recordsDir` (weft's): where ADD records the pod's interfaces and addresses for the
+    /// agent (see [`super::record`]).
+    pub records_dir: PathBuf,
     /// The user's delegate settings; validated when the delegate is built (ADD only,
     /// so that DEL still cleans up after a config that ADD rejected).
     pub delegate: Map<String, Value>,
@@ -121,6 +124,9 @@ impl NetConf {
                 .into(),
             data_dir: string_field(&conf, "dataDir")?
                 .unwrap_or_else(|| DEFAULT_DATA_DIR.into())
+                .into(),
+            records_dir: string_field(&conf, "recordsDir")?
+                .unwrap_or_else(|| super::record::DEFAULT_RECORDS_DIR.into())
                 .into(),
             delegate: object_field(&conf, "delegate")?.unwrap_or_default(),
             ipam: object_field(&conf, "ipam")?,
