@@ -516,6 +516,7 @@ fn bpf_options(args: &AgentArgs, nat: Option<NatSettings>) -> BpfOptions {
     BpfOptions {
         dir: args.bpf_dir.clone(),
         pod_bridge: args.pod_bridge.clone(),
+        records_dirs: args.cni_records_dirs.clone(),
         force_fast_path: args.dataplane == bpf::DataplaneChoice::Bpf,
         stale_after: Duration::from_secs(args.bpf_stale_after),
         nat,

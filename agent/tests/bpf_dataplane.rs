@@ -1,6 +1,6 @@
 //! The BPF dataplane on a real kernel, inside network namespaces this test creates: maps
 //! filled and readable with named fields, programs attached to the uplink and to pod veths
-//! (also to veths created later), endpoints learned from netlink, a restart that adopts the
+//! (also to veths created later), endpoints from pod records, a restart that adopts the
 //! maps and replaces the filters in place, `--cleanup`, and the fallback of
 //! `--dataplane=auto`. Needs root and the eBPF object (`cargo xtask build-ebpf`).
 
@@ -135,6 +135,7 @@ impl Lab {
                 &pod,
                 &["route", "add", "default", "via", &format!("10.244.{i}.1")],
             )?;
+            self.write_pod_record(&pod, &veth, &format!("10.244.{i}.2"))?;
             out.push(Node {
                 ns: node,
                 pod,
@@ -143,6 +144,38 @@ impl Lab {
         }
         Ok(out)
     }
+}
+
+impl Lab {
+    /// The pod record the CNI plugin would write for a pod (`pod` its namespace and
+    /// container ID) with address `address` on eth0 behind host veth `veth`.
+    fn write_pod_record(&self, pod: &str, veth: &str, address: &str) -> Result<()> {
+        let mac = link_field(pod, "eth0", "address")?;
+        let result = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [
+                {"name": "cni0"},
+                {"name": veth},
+                {"name": "eth0", "mac": mac, "sandbox": format!("/var/run/netns/{pod}")}
+            ],
+            "ips": [{"interface": 2, "address": format!("{address}/24")}]
+        });
+        let dir = records_dir(&self.pin_dir());
+        std::fs::create_dir_all(&dir)?;
+        let name = weft::cni::record::file_name("cbr0", pod, "eth0");
+        let record = weft::cni::record::encode("cbr0", pod, "eth0", &result);
+        std::fs::write(dir.join(name), record)?;
+        Ok(())
+    }
+}
+
+/// The pod records of the lab whose pins are under `pin_dir` (next to its bpffs).
+fn records_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir
+        .parent()
+        .and_then(Path::parent)
+        .expect("the pin dir is <tmp>/bpffs/weft")
+        .join("records")
 }
 
 impl Drop for Lab {
@@ -262,6 +295,7 @@ fn options(dir: &Path) -> BpfOptions {
     BpfOptions {
         dir: dir.to_path_buf(),
         pod_bridge: "cni0".to_string(),
+        records_dirs: vec![records_dir(dir)],
         force_fast_path: true,
         stale_after: std::time::Duration::from_secs(60),
         nat: None,

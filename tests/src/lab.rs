@@ -26,6 +26,7 @@ use crate::kube_proxy::{self, Protocol, ProxyMode, Service};
 use crate::netns::{self, HOST_LOCAL_STATE, TEMP_DIR_PREFIX};
 use crate::pki::EtcdPki;
 use crate::process::{tail, Capture, NetnsProcess};
+use weft_common::EndpointEntry;
 
 /// etcd prefix of the network config and leases (flannel's default).
 pub const ETCD_PREFIX: &str = "/coreos.com/network";
@@ -213,6 +214,13 @@ pub struct Node {
     agent: Option<NetnsProcess>,
     agent_log: PathBuf,
     pod_count: usize,
+}
+
+impl Node {
+    /// Where weft-cni writes this node's pod records and its agent reads them.
+    pub fn cni_records_dir(&self) -> PathBuf {
+        self.dir.join("cni-records")
+    }
 }
 
 /// A pod: a namespace with eth0 attached to its node.
@@ -611,6 +619,8 @@ impl Lab {
             format!("--dataplane={}", node.dataplane.flag_value()),
             "--bpf-dir".into(),
             node.bpf_dir.to_string_lossy().into_owned(),
+            "--cni-records-dir".into(),
+            node.cni_records_dir().to_string_lossy().into_owned(),
         ]);
         if self.config.ip_masq {
             args.push("--ip-masq".into());
@@ -926,6 +936,8 @@ impl Lab {
             &node.subnet_file,
             &node.dir.join("cni-data"),
         );
+        // weft-cni's pod records, where this node's agent reads them (`--cni-records-dir`).
+        conflist["plugins"][0]["recordsDir"] = json!(node.cni_records_dir());
         if let Some(plugins) = conflist["plugins"].as_array_mut() {
             plugins.extend(extra_plugins.iter().cloned());
         }
@@ -1501,9 +1513,62 @@ impl Lab {
             })
     }
 
+    /// The host-side veth of `pod` as node `pod.node`'s BPF `endpoints` map should hold it:
+    /// (its ifindex, its name).
+    pub fn host_veth_index(&self, pod: &Pod) -> Result<(u64, String)> {
+        let veth = self.host_veth(pod)?;
+        let index = self
+            .link_field(self.node_ns(pod.node), &veth, "ifindex")?
+            .as_u64()
+            .with_context(|| format!("no ifindex for {veth}"))?;
+        Ok((index, veth))
+    }
+
+    /// The entry for `addr` in the pinned `endpoints` map of node `index`.
+    pub fn bpf_endpoint(&self, index: usize, addr: Ipv4Addr) -> Result<Option<EndpointEntry>> {
+        Ok(bpf_maps::read_endpoints(self.bpf_dir(index))?.remove(&addr))
+    }
+
+    /// What a hostile pod does to take a neighbour's address, from inside its own netns:
+    /// adds `addr` as a secondary address of its eth0, forgets its neighbours, and pings
+    /// its gateway from `addr`, so that its ARP request tells the node `addr` is at its
+    /// MAC. Returns the gateway it pinged.
+    pub fn claim_address(&self, pod: &Pod, addr: Ipv4Addr) -> Result<Ipv4Addr> {
+        let routes = self.ip_json(&pod.ns, &["route", "show", "default"])?;
+        let gateway: Ipv4Addr = routes
+            .first()
+            .and_then(|r| r["gateway"].as_str())
+            .with_context(|| format!("pod {} has no default route", pod.name))?
+            .parse()?;
+        ip(&pod.ns, &format!("addr add {addr}/32 dev eth0"))?;
+        ip(&pod.ns, "neigh flush dev eth0")?;
+        let gw = gateway.to_string();
+        let src = addr.to_string();
+        let args = ["ping", "-c", "2", "-i", "0.2", "-W", "1", "-I", &src, &gw];
+        // Whether the gateway answers does not matter: the ARP request went out.
+        let _ = Cmd::new(args)
+            .netns(&pod.ns)
+            .timeout(Duration::from_secs(10))
+            .output()?;
+        Ok(gateway)
+    }
+
+    /// The MAC node `index`'s neighbour table has for `addr` on the pod bridge.
+    pub fn pod_neighbour_mac(&self, index: usize, addr: Ipv4Addr) -> Result<Option<String>> {
+        let addr = addr.to_string();
+        let neighbours = self.ip_json(
+            self.node_ns(index),
+            &["neigh", "show", &addr, "dev", "cni0"],
+        )?;
+        Ok(neighbours
+            .first()
+            .and_then(|n| n["lladdr"].as_str())
+            .map(str::to_string))
+    }
+
     /// What node `index`'s BPF dataplane still lacks to serve every pod of the lab on it
     /// and every other lease: `from_netdev` on eth0, `from_pod` on every cni0 port, an
-    /// endpoint per pod (learned once the pod has talked through its gateway), a lease
+    /// endpoint per pod (from its CNI record), a lease
     /// entry per other lease in etcd. Empty when complete.
     pub fn bpf_missing(&self, index: usize) -> Result<Vec<String>> {
         let mut missing = Vec::new();

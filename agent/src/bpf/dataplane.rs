@@ -501,6 +501,7 @@ impl Backend for BpfDataplane {
             self.ebpf.clone(),
             endpoints,
             self.options.pod_bridge.clone(),
+            self.options.records_dirs.clone(),
             own.subnet,
         )?);
         Ok(())

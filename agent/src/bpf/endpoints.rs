@@ -1,18 +1,23 @@
 //! The pod watcher: attaches `from_pod` to every port of the pod bridge and keeps the
 //! `endpoints` map (local pod IP → host-side veth, pod MAC, veth MAC) in step with the
-//! kernel, learned from netlink so that it works with any CNI plugin:
+//! pods' CNI records and the kernel:
 //!
-//! - neighbour entries on the bridge for addresses in the node's lease: pod IP → pod MAC,
-//! - the bridge's FDB (learned, not permanent, entries): pod MAC → port,
+//! - the pod records ([`crate::cni::record`]): which addresses the CNI ADD gave a pod, its
+//!   host-side veth (by name) and its MAC. They are the only source of an address's veth:
+//!   no record, no endpoint (the pod's packets take the kernel path);
+//! - neighbour entries on the bridge (pod IP → MAC) with the bridge's FDB (MAC → port) may
+//!   confirm a newer MAC for an address, only on the port its record names. A claim from
+//!   another port (a pod answering ARP for a neighbour's address) is never installed and
+//!   is logged once;
 //! - the port's link: the veth's own MAC.
 //!
-//! It recomputes on link and neighbour notifications (debounced), and on every resync.
-//! An endpoint stays while its veth exists even if its FDB entry aged out; it goes when the
-//! veth is deleted or its neighbour entry is deleted or changes to a MAC the bridge has not
-//! seen.
+//! It recomputes on link and neighbour notifications and when a records directory changes
+//! (debounced), and on every resync. An endpoint goes when its record or its veth does.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::OsString;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,12 +42,15 @@ use weft_common::{EndpointEntry, EndpointKey, PROG_FROM_POD, PROG_TO_POD};
 use super::dataplane::{remove_ok, EndpointMap};
 use super::tc;
 use crate::backend::netlink::{self as nl, Link};
+use crate::cni::record;
 use crate::lease::MacAddr;
 
 /// Quiet time after a notification before recomputing (events come in bursts).
 const DEBOUNCE: Duration = Duration::from_millis(5);
 /// Longest wait for a recompute while notifications keep coming.
 const MAX_DELAY: Duration = Duration::from_millis(50);
+/// How often the records directories are looked at for changes (names and inodes only).
+const RECORDS_POLL: Duration = Duration::from_millis(200);
 /// How long a resync waits for the watcher.
 const RESYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -65,6 +73,7 @@ impl PodWatcher {
         ebpf: Arc<Mutex<Ebpf>>,
         endpoints: EndpointMap,
         bridge: String,
+        records_dirs: Vec<PathBuf>,
         own: Ipv4Network,
     ) -> Result<PodWatcher> {
         let (connection, _, events) =
@@ -78,6 +87,9 @@ impl PodWatcher {
             ebpf,
             endpoints,
             bridge,
+            records_dirs,
+            records_seen: Vec::new(),
+            reported: BTreeSet::new(),
             own,
             bridge_index: None,
             learned,
@@ -125,6 +137,12 @@ struct Watcher {
     ebpf: Arc<Mutex<Ebpf>>,
     endpoints: EndpointMap,
     bridge: String,
+    /// Where the pod records are, and what they held at the last look.
+    records_dirs: Vec<PathBuf>,
+    records_seen: Vec<(usize, OsString, u64)>,
+    /// Problems logged already (claims refused, unusable records), so each is logged once
+    /// while it lasts.
+    reported: BTreeSet<String>,
     own: Ipv4Network,
     bridge_index: Option<u32>,
     /// What the endpoint map holds.
@@ -147,6 +165,8 @@ impl Watcher {
         let mut events_open = true;
         // (first unprocessed notification, latest notification)
         let mut pending: Option<(Instant, Instant)> = None;
+        let mut poll = tokio::time::interval(RECORDS_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = pending.map(|(first, last)| (last + DEBOUNCE).min(first + MAX_DELAY));
             tokio::select! {
@@ -166,6 +186,10 @@ impl Watcher {
                         let _ = ack.send(self.sync(true).await);
                     }
                     None => break,
+                },
+                _ = poll.tick() => if record::fingerprint(&self.records_dirs) != self.records_seen {
+                    let now = Instant::now();
+                    pending = Some((pending.map_or(now, |(first, _)| first), now));
                 },
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     pending = None;
@@ -286,12 +310,17 @@ impl Watcher {
         Ok(())
     }
 
+    /// The endpoints the records give, on the fast ports: an address of the node's lease
+    /// on the port its record names, with the MAC a neighbour entry confirms on that port,
+    /// else the record's, else the one it had.
     async fn wanted_endpoints(
-        &self,
+        &mut self,
         bridge: u32,
         ports: &BTreeMap<u32, Link>,
     ) -> Result<BTreeMap<Ipv4Addr, EndpointEntry>> {
-        let pods: Vec<(Ipv4Addr, MacAddr)> = nl::neighbours(&self.handle, bridge)
+        let mut problems = BTreeSet::new();
+        let owners = self.record_owners(ports, &mut problems)?;
+        let neighbours: HashMap<Ipv4Addr, MacAddr> = nl::neighbours(&self.handle, bridge)
             .await?
             .into_iter()
             .filter(|n| self.own.contains(n.ip))
@@ -299,19 +328,34 @@ impl Watcher {
             .collect();
         let fdb = bridge_fdb(&self.handle, bridge).await?;
         let mut wanted = BTreeMap::new();
-        for (ip, mac) in pods {
-            let port = fdb
-                .get(&mac)
-                .filter(|index| ports.contains_key(index))
-                .copied()
-                // The FDB entry aged out: the pod is where it was while its veth exists.
-                .or_else(|| {
-                    self.learned
-                        .get(&ip)
-                        .filter(|e| e.pod_mac == mac.0 && ports.contains_key(&e.ifindex))
-                        .map(|e| e.ifindex)
-                });
-            let Some(port) = port else { continue };
+        for (&ip, &mac) in &neighbours {
+            let Some(&port) = fdb.get(&mac).filter(|port| ports.contains_key(port)) else {
+                continue;
+            };
+            if owners.get(&ip).map(|owner| owner.0) != Some(port) {
+                let why = match owners.get(&ip) {
+                    Some((owner, _)) => format!("its record puts it on {}", ports[owner].name),
+                    None => "no pod record gives it that address".to_string(),
+                };
+                problems.insert(format!(
+                    "{mac} on {} claims {ip}, but {why}: not a fast-path endpoint from there",
+                    ports[&port].name
+                ));
+            }
+        }
+        for (ip, (port, record_mac)) in owners {
+            let confirmed = neighbours
+                .get(&ip)
+                .filter(|mac| fdb.get(mac) == Some(&port))
+                .copied();
+            let previous = self
+                .learned
+                .get(&ip)
+                .filter(|e| e.ifindex == port)
+                .map(|e| MacAddr(e.pod_mac));
+            let Some(mac) = confirmed.or(record_mac).or(previous) else {
+                continue;
+            };
             let host_mac = ports[&port].mac.unwrap_or_default();
             wanted.insert(
                 ip,
@@ -322,7 +366,57 @@ impl Watcher {
                 },
             );
         }
+        for problem in problems.difference(&self.reported) {
+            warn!("pod endpoints: {problem}");
+        }
+        self.reported = problems;
         Ok(wanted)
+    }
+
+    /// Address → (port, MAC) from the pod records, for the addresses of the node's lease
+    /// whose record names one of `ports`. An address two records give to different ports
+    /// has no owner (reported in `problems`, with unusable records).
+    fn record_owners(
+        &mut self,
+        ports: &BTreeMap<u32, Link>,
+        problems: &mut BTreeSet<String>,
+    ) -> Result<BTreeMap<Ipv4Addr, (u32, Option<MacAddr>)>> {
+        self.records_seen = record::fingerprint(&self.records_dirs);
+        let by_name: HashMap<&str, u32> = ports
+            .values()
+            .map(|link| (link.name.as_str(), link.index))
+            .collect();
+        let mut claims: BTreeMap<Ipv4Addr, BTreeMap<u32, Option<MacAddr>>> = BTreeMap::new();
+        for dir in &self.records_dirs {
+            let (records, unusable) = record::read_dir(dir)?;
+            problems.extend(unusable.into_iter().map(|u| format!("ignoring {u}")));
+            for record in records {
+                let Some(&port) = record
+                    .host_ifaces
+                    .iter()
+                    .find_map(|n| by_name.get(n.as_str()))
+                else {
+                    continue; // another network's, or its veth is gone (or not ours)
+                };
+                for &ip in record.ips.iter().filter(|ip| self.own.contains(**ip)) {
+                    let mac = claims.entry(ip).or_default().entry(port).or_default();
+                    *mac = mac.or(record.pod_mac);
+                }
+            }
+        }
+        let mut owners = BTreeMap::new();
+        for (ip, claims) in claims {
+            if claims.len() == 1 {
+                owners.extend(claims.into_iter().map(|claim| (ip, claim)));
+            } else {
+                let names: Vec<&str> = claims.keys().map(|p| ports[p].name.as_str()).collect();
+                problems.insert(format!(
+                    "pod records give {ip} to several veths ({}): none of them gets it",
+                    names.join(", ")
+                ));
+            }
+        }
+        Ok(owners)
     }
 
     /// Makes the endpoint map hold exactly `wanted`.

@@ -56,6 +56,8 @@ pub struct BpfOptions {
     pub dir: PathBuf,
     /// `--pod-bridge`: the bridge whose ports are pod veths.
     pub pod_bridge: String,
+    /// `--cni-records-dir`: where the pod records are (see [`crate::cni::record`]).
+    pub records_dirs: Vec<PathBuf>,
     /// `--dataplane=bpf`: keep the fast path on even where netfilter rules filter
     /// forwarded traffic (`auto` switches it off there).
     pub force_fast_path: bool,

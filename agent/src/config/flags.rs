@@ -211,6 +211,13 @@ pub struct AgentArgs {
     #[arg(long, env = "WEFT_POD_BRIDGE", default_value = "cni0")]
     pub pod_bridge: String,
 
+    /// Directories of pod records (what each pod's CNI ADD produced): the only source of
+    /// which pod owns which address on the fast path. libcni's result cache (written by
+    /// containerd and CRI-O whatever the plugin) and weft-cni's `recordsDir`. Repeatable.
+    #[arg(long = "cni-records-dir", env = "WEFT_CNI_RECORDS_DIR", value_delimiter = ',',
+          default_values = [crate::cni::record::LIBCNI_RESULTS_DIR, crate::cni::record::DEFAULT_RECORDS_DIR])]
+    pub cni_records_dirs: Vec<std::path::PathBuf>,
+
     /// Remove everything weft installed on this node (eBPF programs and pins, flannel.<VNI>,
     /// host-gw routes, masquerade and forward rules, subnet.env) and exit.
     #[arg(long, action = go_bool!(), num_args = 0..=1, default_value_t = false, default_missing_value = "true")]
@@ -257,6 +264,13 @@ mod tests {
         assert_eq!(a.dataplane, crate::bpf::DataplaneChoice::Auto);
         assert_eq!(a.bpf_dir, PathBuf::from("/sys/fs/bpf/weft"));
         assert_eq!(a.pod_bridge, "cni0");
+        assert_eq!(
+            a.cni_records_dirs,
+            [
+                std::path::Path::new("/var/lib/cni/results"),
+                std::path::Path::new("/var/lib/cni/weft")
+            ]
+        );
         assert!(!a.cleanup);
 
         // Go-style booleans and repeatable interfaces, in order.
