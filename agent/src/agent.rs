@@ -575,6 +575,7 @@ async fn keep_stack_flows(dir: std::path::PathBuf, state: Arc<AgentState>) {
     loop {
         tick.tick().await;
         let dir = dir.clone();
+        let started = Instant::now();
         let kept = tokio::task::spawn_blocking(move || {
             bpf::flows::keep(&dir, bpf::dataplane::monotonic_ns())
         })
@@ -593,7 +594,12 @@ async fn keep_stack_flows(dir: std::path::PathBuf, state: Arc<AgentState>) {
                         "stack_flows is full: pods with connections it could not record take the kernel path"
                     );
                 }
-                debug!(removed = k.removed, entries = k.entries, "stack flows kept");
+                debug!(
+                    removed = k.removed,
+                    entries = k.entries,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "stack flows kept"
+                );
                 state.set_stack_flows(Some((k.entries, k.pods_on_stack)));
             }
             Err(e) => {

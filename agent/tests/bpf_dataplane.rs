@@ -736,10 +736,12 @@ fn peers_beyond_the_lease_map_stay_on_the_kernel_path_and_are_counted() -> Resul
     let dir = lab.pin_dir();
     let (ns, subnet) = (nodes[0].ns.clone(), nodes[0].subnet);
     in_node(&ns.clone(), move || async move {
-        // Network /16 at SubnetLen 24: the lease map holds 256 entries; 300 /28 leases
-        // (valid, if not what SubnetLen says) cannot all fit.
+        // Network /16 at SubnetLen 24: the lease map holds 256 entries. This node's lease
+        // is a /28 (as a podCIDR from a /28 node mask, with --kube-subnet-mgr), so peers'
+        // /28 leases are valid, and 300 of them cannot all fit.
         let conf = vxlan_conf(false);
-        let (mut dataplane, _) = bpf_node(&dir, subnet, &conf, None).await?;
+        let own = Ipv4Network::new(subnet.network(), 28)?;
+        let (mut dataplane, _) = bpf_node(&dir, own, &conf, None).await?;
         let leases: Vec<Lease> = (0..300u32)
             .map(|i| {
                 let net = format!("10.244.{}.{}/28", 100 + i / 16, (i % 16) * 16);
