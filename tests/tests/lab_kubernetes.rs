@@ -255,8 +255,8 @@ fn policy_drops(lab: &Lab, node: usize) -> u64 {
 
 /// Two nodes, node 1 `auto` and node 2 `node2`, resyncing every second, with pods a, b on
 /// node 1 and c on node 2, every pair pinging and both dataplanes complete.
-fn policy_lab(node2: Dataplane) -> (Lab, [weft_tests::Pod; 3]) {
-    let mut config = config(Backend::Vxlan, Dataplane::Auto, false);
+fn policy_lab(backend: Backend, node2: Dataplane) -> (Lab, [weft_tests::Pod; 3]) {
+    let mut config = config(backend, Dataplane::Auto, false);
     config.node_dataplanes.insert(2, node2);
     config
         .extra_agent_args
@@ -275,7 +275,7 @@ fn policy_lab(node2: Dataplane) -> (Lab, [weft_tests::Pod; 3]) {
 #[test]
 fn a_policy_engines_forward_rules_are_never_bypassed_in_silence() {
     // Node 1 as users run it (auto); node 2 forced (--dataplane=bpf).
-    let (lab, [a, b, c]) = policy_lab(Dataplane::Bpf);
+    let (lab, [a, b, c]) = policy_lab(Backend::Vxlan, Dataplane::Bpf);
     let before = lab.bpf_counters(1).unwrap();
     assert!(lab.ping(&a, c.ip));
     let delta = lab.bpf_counters(1).unwrap().since(&before);
@@ -439,8 +439,17 @@ fn real_nft() -> String {
 }
 
 #[test]
-fn a_native_nft_forward_rule_is_seen_and_a_broken_probe_turns_the_fast_path_off() {
-    let (mut lab, [a, b, c]) = policy_lab(Dataplane::Auto);
+fn a_native_nft_forward_rule_is_seen_and_a_broken_probe_turns_the_fast_path_off_on_vxlan() {
+    a_native_nft_forward_rule_is_seen_and_a_broken_probe_turns_the_fast_path_off(Backend::Vxlan);
+}
+
+#[test]
+fn a_native_nft_forward_rule_is_seen_and_a_broken_probe_turns_the_fast_path_off_on_host_gw() {
+    a_native_nft_forward_rule_is_seen_and_a_broken_probe_turns_the_fast_path_off(Backend::HostGw);
+}
+
+fn a_native_nft_forward_rule_is_seen_and_a_broken_probe_turns_the_fast_path_off(backend: Backend) {
+    let (mut lab, [a, b, c]) = policy_lab(backend, Dataplane::Auto);
     let last_said = |lab: &Lab, text: &str| {
         lab.agent_log_tail(1, 400)
             .lines()
@@ -455,9 +464,17 @@ fn a_native_nft_forward_rule_is_seen_and_a_broken_probe_turns_the_fast_path_off(
             "the denied pair pings: the policy was bypassed"
         );
         let delta = lab.bpf_counters(1).unwrap().since(&before);
+        let redirected = [
+            Counter::Encap,
+            Counter::Decap,
+            Counter::DirectOut,
+            Counter::DirectIn,
+        ]
+        .map(|c| delta.get(c))
+        .iter()
+        .sum::<u64>();
         assert_eq!(
-            delta.get(Counter::Encap) + delta.get(Counter::Decap),
-            0,
+            redirected, 0,
             "node 1 redirected pod traffic with its fast path off: {delta}"
         );
     };

@@ -810,10 +810,10 @@ fn the_default_masquerade_answers_a_dns_like_load(backend: Backend) {
 /// NodePort Service (externalTrafficPolicy Cluster, so kube-proxy masquerades it to the
 /// node's address). Both translations share the node's address and the resolver's port;
 /// one conntrack table keeps their ports apart, so every query of both is answered.
-fn the_default_masquerade_shares_a_destination_with_kube_proxys(mode: ProxyMode) {
+fn the_default_masquerade_shares_a_destination_with_kube_proxys(mode: ProxyMode, backend: Backend) {
     let mut lab = Lab::start(LabConfig {
         nodes: 1,
-        backend: Backend::Vxlan,
+        backend,
         ip_masq: true,
         dataplane: Dataplane::Auto,
         ..Default::default()
@@ -856,13 +856,19 @@ fn the_default_masquerade_shares_a_destination_with_kube_proxys(mode: ProxyMode)
 }
 
 #[test]
-fn the_default_masquerade_shares_a_destination_with_kube_proxys_iptables_rules() {
-    the_default_masquerade_shares_a_destination_with_kube_proxys(ProxyMode::Iptables);
+fn the_default_masquerade_shares_a_destination_with_kube_proxys_iptables_rules_on_vxlan() {
+    the_default_masquerade_shares_a_destination_with_kube_proxys(
+        ProxyMode::Iptables,
+        Backend::Vxlan,
+    );
 }
 
 #[test]
-fn the_default_masquerade_shares_a_destination_with_kube_proxys_nftables_rules() {
-    the_default_masquerade_shares_a_destination_with_kube_proxys(ProxyMode::Nftables);
+fn the_default_masquerade_shares_a_destination_with_kube_proxys_nftables_rules_on_host_gw() {
+    the_default_masquerade_shares_a_destination_with_kube_proxys(
+        ProxyMode::Nftables,
+        Backend::HostGw,
+    );
 }
 
 #[test]
