@@ -21,9 +21,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use weft_common::{
-    Counter, DataplaneConfig, EndpointEntry, EndpointKey, FlowEntry, FlowKey, LeaseEntry,
-    PeerEntry, PeerKey, ALL_PROGRAMS, LEASE_DIRECT, LEASE_VXLAN, MAP_CONFIG, MAP_COUNTERS,
-    MAP_ENDPOINTS, MAP_LEASES, MAP_PEERS, MAP_STACK_FLOWS, PROG_FROM_POD,
+    Counter, DataplaneConfig, EndpointEntry, EndpointKey, FlowEntry, FlowKey, LeaseEntry, NatClaim,
+    NatEntry, NatKey, NatState, PeerEntry, PeerKey, StackPod, ALL_PROGRAMS, LEASE_DIRECT,
+    LEASE_VXLAN, MAP_CONFIG, MAP_COUNTERS, MAP_ENDPOINTS, MAP_LEASES, MAP_NAT, MAP_NAT_CLAIMS,
+    MAP_NAT_EXCLUDE, MAP_NAT_REVERSE, MAP_NAT_STATE, MAP_PEERS, MAP_STACK_FLOWS, MAP_STACK_PODS,
+    NAT_ENABLED, PROG_FROM_POD,
 };
 
 use crate::bpf::TempBpffs;
@@ -81,6 +83,11 @@ pub const LOCAL_POD_HOST_MAC: [u8; 6] = [0x0a, 0x58, 0xee, 0xee, 0xee, 0x05];
 pub const GATEWAY_MAC: [u8; 6] = [0x0a, 0x58, 10, 244, 1, 1];
 /// The pod's host-side veth in the test bed: from_pod runs as if on its ingress.
 pub const POD_VETH: &str = "pod0";
+
+/// The pod network (a /16) when BPF source NAT is on ([`Datapath::set_nat`]), and the /24
+/// of destinations excluded from it.
+pub const POD_NETWORK: [u8; 4] = [10, 244, 0, 0];
+pub const NAT_EXCLUDED: [u8; 4] = [203, 0, 113, 0];
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
@@ -292,6 +299,76 @@ impl Datapath {
         })
     }
 
+    /// BPF source NAT on (`--masquerade=bpf`) for the pod network [`POD_NETWORK`]/16 with
+    /// ports `ports` and table limit `limit`, or off (`None`); destinations in
+    /// [`NAT_EXCLUDED`]/24 keep pod addresses. Every mapping, claim and the count go.
+    pub fn set_nat(&mut self, nat: Option<((u16, u16), u32)>) -> Result<()> {
+        let mut config: Array<_, DataplaneConfig> = Array::try_from(self.map(MAP_CONFIG)?)?;
+        let mut value = config.get(&0, 0)?;
+        let ((port_min, port_max), limit) = nat.unwrap_or(((0, 0), 0));
+        value.network = POD_NETWORK;
+        value.network_mask = [255, 255, 0, 0];
+        value.nat_flags = if nat.is_some() { NAT_ENABLED } else { 0 };
+        value.nat_limit = limit;
+        value.nat_port_min = port_min;
+        value.nat_port_max = port_max;
+        config.set(0, value, 0)?;
+        let mut exclude: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(self.map(MAP_NAT_EXCLUDE)?)?;
+        exclude.insert(&Key::new(24, NAT_EXCLUDED), 1, 0)?;
+        self.clear::<NatKey, NatEntry>(MAP_NAT)?;
+        self.clear::<NatKey, NatEntry>(MAP_NAT_REVERSE)?;
+        self.clear::<NatClaim, u8>(MAP_NAT_CLAIMS)?;
+        let mut state: Array<_, NatState> = Array::try_from(self.map(MAP_NAT_STATE)?)?;
+        state.set(0, NatState { entries: 0 }, 0)?;
+        Ok(())
+    }
+
+    /// Removes every entry of the hash map `name`.
+    pub fn clear<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> Result<()> {
+        let mut map: HashMap<_, K, V> = HashMap::try_from(self.map(name)?)?;
+        let keys = map.keys().collect::<Result<Vec<_>, _>>()?;
+        for key in keys {
+            map.remove(&key)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the connections `to_netdev` recorded (`stack_flows`, `stack_pods`), so the
+    /// fast path's verdicts stay the ones of an empty table.
+    pub fn clear_stack_flows(&mut self) -> Result<()> {
+        self.clear::<FlowKey, FlowEntry>(MAP_STACK_FLOWS)?;
+        self.clear::<EndpointKey, StackPod>(MAP_STACK_PODS)
+    }
+
+    /// The mappings of `nat` (`reverse` false) or `nat_reverse`.
+    pub fn nat_table(&self, reverse: bool) -> Result<Vec<(NatKey, NatEntry)>> {
+        let name = if reverse { MAP_NAT_REVERSE } else { MAP_NAT };
+        let map = self
+            .ebpf
+            .map(name)
+            .with_context(|| format!("the object has no map {name}"))?;
+        let table: HashMap<_, NatKey, NatEntry> = HashMap::try_from(map)?;
+        Ok(table.iter().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Writes a mapping of `nat` (`reverse` false) or `nat_reverse`, as the agent may.
+    pub fn set_nat_entry(&mut self, reverse: bool, key: NatKey, entry: NatEntry) -> Result<()> {
+        let name = if reverse { MAP_NAT_REVERSE } else { MAP_NAT };
+        let mut table: HashMap<_, NatKey, NatEntry> = HashMap::try_from(self.map(name)?)?;
+        table.insert(key, entry, 0)?;
+        Ok(())
+    }
+
+    /// The programs' count of mappings (`nat_state`).
+    pub fn nat_count(&self) -> Result<u64> {
+        let map = self
+            .ebpf
+            .map(MAP_NAT_STATE)
+            .with_context(|| format!("the object has no map {MAP_NAT_STATE}"))?;
+        let state: Array<_, NatState> = Array::try_from(map)?;
+        Ok(state.get(&0, 0)?.entries)
+    }
+
     /// The connections recorded in `stack_flows`, with who recorded them.
     pub fn stack_flows(&self) -> Result<Vec<(FlowKey, u32)>> {
         let map = self
@@ -402,6 +479,17 @@ impl Drop for TestBed {
     fn drop(&mut self) {
         let _ = netns::delete(&self.namespace);
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the programs' clock (`bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) writes into the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 pub fn object_path() -> PathBuf {

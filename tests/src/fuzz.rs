@@ -9,15 +9,23 @@
 //! The one byte range the model cannot know is the outer UDP source port of an
 //! encapsulated packet (the kernel's flow hash, salted at boot): it is checked to lie in
 //! the ephemeral range instead.
+//!
+//! Its NAT part ([`nat`]) runs sequences of frames through `from_pod`, `to_netdev` and
+//! `from_netdev` with BPF source NAT on, the model keeping the mappings.
+
+pub mod nat;
 
 use std::fmt::Write as _;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use weft_common::{LEASE_DIRECT, LEASE_VXLAN, PROG_FROM_NETDEV, PROG_FROM_POD};
+use weft_common::{
+    NatEntry, NatKey, LEASE_DIRECT, LEASE_VXLAN, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV,
+};
 
 use crate::datapath::*;
+use nat::{Event, Nat, Scenario, Step, Window};
 
 // ---------------------------------------------------------------------------------------
 // The model
@@ -29,6 +37,8 @@ pub struct Expected {
     pub frame: Vec<u8>,
     /// Bytes of `frame` the model leaves open (the outer UDP source port).
     pub open: Option<Range<usize>>,
+    /// `skb->mark` after the program, when the model says (`from_pod`'s NAT mark).
+    pub mark: Option<u32>,
 }
 
 impl Expected {
@@ -41,6 +51,7 @@ impl Expected {
             action,
             frame: frame.to_vec(),
             open: None,
+            mark: None,
         }
     }
 
@@ -49,6 +60,7 @@ impl Expected {
             action: TC_ACT_REDIRECT,
             frame,
             open: None,
+            mark: None,
         }
     }
 
@@ -167,8 +179,11 @@ fn dec_ttl(f: &mut [u8], off: usize) {
     f[off + 10..off + 12].copy_from_slice(&(!folded).to_be_bytes());
 }
 
+/// A 32-bit sum of 16-bit words folded to 16 bits (end-around carry, twice: the first
+/// fold may carry again).
 fn fold(sum: u32) -> u16 {
-    ((sum & 0xffff) + (sum >> 16)) as u16
+    let once = (sum & 0xffff) + (sum >> 16);
+    ((once & 0xffff) + (once >> 16)) as u16
 }
 
 fn ip_checksum(header: &[u8]) -> [u8; 2] {
@@ -183,9 +198,11 @@ fn eth(dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
     [&dst[..], &src, &ETH_P_IP.to_be_bytes()].concat()
 }
 
-/// The datapath's rules, for the bed's maps with config `flags`.
+/// The datapath's rules, for the bed's maps with config `flags` and BPF source NAT `nat`
+/// (its tables included).
 pub struct Model {
     pub flags: u16,
+    pub nat: Nat,
 }
 
 impl Model {
@@ -537,6 +554,51 @@ pub struct Report {
     /// The first few of them, described.
     pub mismatches: Vec<String>,
     pub elapsed: Duration,
+    pub nat: NatReport,
+}
+
+/// What the NAT part of a run found (its frames are also counted in [`Report`]).
+#[derive(Debug, Default)]
+pub struct NatReport {
+    pub frames: u64,
+    pub sequences: u64,
+    /// Pod packets translated out (`to_netdev`), replies and ICMP errors translated back.
+    pub out: u64,
+    pub back: u64,
+    pub icmp_errors: u64,
+    pub allocated: u64,
+    pub took_over: u64,
+    pub reopened: u64,
+    pub alloc_failed: u64,
+    pub marked: u64,
+    /// Frames whose outcome hung on a time comparison the clock window left open: not
+    /// compared, their sequence started over.
+    pub undecided: u64,
+    pub elapsed: Duration,
+}
+
+impl NatReport {
+    pub fn summary(&self) -> String {
+        format!(
+            "NAT: {} frames in {} sequences, {:.1} s ({:.0} frames/s): {} translated out, {} \
+             back ({} ICMP errors), {} ports allocated, {} taken over from finished flows, {} \
+             reopened by a SYN, {} allocations failed (range full), {} marked by from_pod; {} \
+             undecided by the clock",
+            self.frames,
+            self.sequences,
+            self.elapsed.as_secs_f64(),
+            self.frames as f64 / self.elapsed.as_secs_f64().max(1e-9),
+            self.out,
+            self.back,
+            self.icmp_errors,
+            self.allocated,
+            self.took_over,
+            self.reopened,
+            self.alloc_failed,
+            self.marked,
+            self.undecided
+        )
+    }
 }
 
 impl Report {
@@ -545,7 +607,7 @@ impl Report {
     }
 
     pub fn summary(&self) -> String {
-        format!(
+        let all = format!(
             "{} frames in {:.1} s ({:.0} frames/s): {} redirected, {} dropped, {} passed, {} \
              refused by the kernel (shorter than a packet); {} disagreements",
             self.frames,
@@ -556,14 +618,19 @@ impl Report {
             self.passed,
             self.refused,
             self.disagreements
-        )
+        );
+        if self.nat.frames == 0 {
+            return all;
+        }
+        format!("{all}\n{}", self.nat.summary())
     }
 }
 
 /// Runs `frames` generated frames from `seed` through the programs in a fresh test bed,
-/// once with every config flag combination the model knows, and compares each result
-/// with the model. Keeps the first mismatches (hex dumps).
-pub fn run(frames: u64, seed: u64) -> Result<Report> {
+/// once with every config flag combination the model knows, then `nat_frames` in NAT
+/// sequences ([`run_nat`]), and compares each result with the model. Keeps the first
+/// mismatches (hex dumps).
+pub fn run(frames: u64, nat_frames: u64, seed: u64) -> Result<Report> {
     with_datapath(move |dp| {
         let mut rng = Rng::new(seed);
         let mut report = Report::default();
@@ -575,27 +642,17 @@ pub fn run(frames: u64, seed: u64) -> Result<Report> {
         ];
         for (n, flags) in flag_sets.iter().enumerate() {
             dp.set_flags(*flags)?;
-            let model = Model { flags: *flags };
+            let model = Model {
+                flags: *flags,
+                nat: Nat::default(),
+            };
             let share = frames / flag_sets.len() as u64
                 + u64::from(n == 0) * (frames % flag_sets.len() as u64);
             for _ in 0..share {
                 let (program, f) = frame(&mut rng);
-                report.frames += 1;
-                let out = match dp.run(program, &f) {
-                    Ok(out) => out,
-                    // The kernel builds no skb shorter than an Ethernet header, and (newer
-                    // kernels) none of an IPv4 frame cut inside its IP header.
-                    Err(_) if f.len() < 34 => {
-                        report.refused += 1;
-                        continue;
-                    }
-                    Err(e) => return Err(e),
+                let Some(out) = run_counted(dp, program, &f, &mut report)? else {
+                    continue;
                 };
-                match out.action {
-                    TC_ACT_REDIRECT => report.redirected += 1,
-                    TC_ACT_SHOT => report.dropped += 1,
-                    _ => report.passed += 1,
-                }
                 let want = if program == PROG_FROM_POD {
                     model.on_pod_veth(&f)
                 } else {
@@ -610,8 +667,178 @@ pub fn run(frames: u64, seed: u64) -> Result<Report> {
                 }
             }
         }
+        dp.set_flags(0)?;
+        run_nat(dp, &mut rng, nat_frames, &mut report)?;
+        dp.set_nat(None)?;
         report.elapsed = started.elapsed();
         Ok(report)
+    })
+}
+
+/// Runs `program` on `f` and counts its verdict; `None` for a frame the kernel refuses.
+fn run_counted(
+    dp: &Datapath,
+    program: &str,
+    f: &[u8],
+    report: &mut Report,
+) -> Result<Option<Outcome>> {
+    report.frames += 1;
+    let out = match dp.run(program, f) {
+        Ok(out) => out,
+        // The kernel builds no skb shorter than an Ethernet header, and (newer
+        // kernels) none of an IPv4 frame cut inside its IP header.
+        Err(_) if f.len() < 34 => {
+            report.refused += 1;
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    match out.action {
+        TC_ACT_REDIRECT => report.redirected += 1,
+        TC_ACT_SHOT => report.dropped += 1,
+        _ => report.passed += 1,
+    }
+    Ok(Some(out))
+}
+
+/// The NAT part: sequences of 8 to 63 steps, each on empty tables with a port range of 1,
+/// 2, 4 or 16 ports and a table limit of 2 or 1000; after each frame the verdict, the
+/// frame, `from_pod`'s mark, both tables, the count and the invariants are compared. A
+/// disagreement ends its sequence.
+pub fn run_nat(dp: &mut Datapath, rng: &mut Rng, frames: u64, report: &mut Report) -> Result<()> {
+    let started = Instant::now();
+    let mut model = Model {
+        flags: 0,
+        nat: Nat::default(),
+    };
+    while report.nat.frames < frames {
+        let span = rng.pick(&[1u16, 2, 4, 16]);
+        let ports = (61000, 61000 + span - 1);
+        let limit = rng.pick(&[2, 1000]);
+        dp.set_nat(Some((ports, limit)))?;
+        model.nat = Nat::new(ports, limit);
+        report.nat.sequences += 1;
+        let mut scenario = Scenario::new(rng);
+        let mut log = format!("sequence: ports {}-{}, limit {limit}\n", ports.0, ports.1);
+        for _ in 0..8 + rng.below(56) {
+            if report.nat.frames >= frames {
+                break;
+            }
+            let (program, f, clean) = match scenario.step(rng, &model.nat) {
+                Step::Age(ns) => {
+                    // Timestamps count from boot: they stay above zero.
+                    if model.nat.oldest() < 2 * ns {
+                        continue;
+                    }
+                    model.nat.age(ns);
+                    for (reverse, table) in [(false, &model.nat.out), (true, &model.nat.back)] {
+                        for (key, entry) in table {
+                            dp.set_nat_entry(reverse, *key, *entry)?;
+                        }
+                    }
+                    let _ = writeln!(log, "  time moves on by {} ms", ns / 1_000_000);
+                    continue;
+                }
+                Step::Frame(program, f, clean) => (program, f, clean),
+            };
+            report.nat.frames += 1;
+            let earliest = monotonic_ns();
+            let Some(out) = run_counted(dp, program, &f, report)? else {
+                continue;
+            };
+            let now = Window {
+                earliest,
+                latest: monotonic_ns(),
+            };
+            let _ = writeln!(log, "  {program} {}", hex(&f));
+            let kernel = (dp.nat_table(false)?, dp.nat_table(true)?);
+            let want = match program {
+                PROG_FROM_POD => Ok(model.on_pod_veth_marked(&f)),
+                PROG_TO_NETDEV => {
+                    // What it records for the stack is the flow part's, not NAT's.
+                    dp.clear_stack_flows()?;
+                    model.on_uplink_egress(&f, now, &kernel.0)
+                }
+                _ => model.on_uplink_at(&f, now),
+            };
+            let Ok(want) = want else {
+                report.nat.undecided += 1;
+                break;
+            };
+            let mut problem = None;
+            if !want.matches(out.action, &out.frame) {
+                problem = Some("verdict or frame".to_string());
+            } else if want.mark.is_some_and(|m| m != out.mark) {
+                problem = Some(format!("mark {:#x}, the model {:#x?}", out.mark, want.mark));
+            } else if clean && nat::checksums_hold(&f) && !nat::checksums_hold(&out.frame) {
+                problem = Some("a checksum no longer holds".to_string());
+            } else if let Err(e) = compare_tables(dp, &kernel, &mut model.nat, now) {
+                problem = Some(e);
+            } else if let Some(broken) = model.nat.broken_invariant() {
+                problem = Some(format!("invariant: {broken}"));
+            }
+            if let Some(problem) = problem {
+                report.disagreements += 1;
+                if report.mismatches.len() < 10 {
+                    let text = describe(program, 0, &f, &want, out.action, &out.frame);
+                    report
+                        .mismatches
+                        .push(format!("{log}NAT: {problem}\n{text}"));
+                }
+                break;
+            }
+            let translated = out.action == TC_ACT_UNSPEC && out.frame != f;
+            match program {
+                PROG_FROM_POD if out.mark != 0 => report.nat.marked += 1,
+                PROG_TO_NETDEV if translated => {
+                    report.nat.out += 1;
+                    scenario.sent.push(out.frame.clone());
+                }
+                PROG_FROM_NETDEV if translated => report.nat.back += 1,
+                _ => {}
+            }
+            match model.nat.event {
+                Some(Event::Allocated) => report.nat.allocated += 1,
+                Some(Event::TookOver) => report.nat.took_over += 1,
+                Some(Event::Reopened) => report.nat.reopened += 1,
+                Some(Event::AllocFailed) => report.nat.alloc_failed += 1,
+                Some(Event::IcmpError) => report.nat.icmp_errors += 1,
+                None => {}
+            }
+        }
+    }
+    report.nat.elapsed = started.elapsed();
+    Ok(())
+}
+
+/// A NAT table as read from the kernel.
+type NatTable = Vec<(NatKey, NatEntry)>;
+
+/// Compares both NAT tables and the count with the kernel's, adopting the timestamps the
+/// step wrote.
+fn compare_tables(
+    dp: &Datapath,
+    kernel: &(NatTable, NatTable),
+    nat: &mut Nat,
+    now: Window,
+) -> Result<(), String> {
+    let mut step_ns = None;
+    nat.adopt(false, &kernel.0, now, &mut step_ns)?;
+    nat.adopt(true, &kernel.1, now, &mut step_ns)?;
+    let count = dp.nat_count().map_err(|e| format!("{e:#}"))?;
+    if count != nat.entries {
+        return Err(format!(
+            "nat_state counts {count} mappings, the model {}",
+            nat.entries
+        ));
+    }
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
     })
 }
 
@@ -623,12 +850,6 @@ fn describe(
     action: u32,
     got: &[u8],
 ) -> String {
-    let hex = |b: &[u8]| {
-        b.iter().fold(String::new(), |mut s, x| {
-            let _ = write!(s, "{x:02x}");
-            s
-        })
-    };
     format!(
         "{program} (flags {flags}) on {} bytes {}\n  model: action {} {}\n  kernel: action {action} {}",
         f.len(),

@@ -1097,14 +1097,3 @@ fn with_leases_missing_from_the_map_unknown_inner_sources_take_the_kernel_path()
         Ok(())
     })
 }
-
-/// CLOCK_MONOTONIC in nanoseconds, the programs' clock.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime(2) writes into the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
