@@ -1,6 +1,7 @@
 //! `cargo xtask fuzz`: build the eBPF object and `weft-fuzz` (release), then run a million
 //! generated frames through the datapath programs against the reference model
-//! (`tests/src/fuzz.rs`), reporting frames per second and any disagreement.
+//! (`tests/src/fuzz.rs`), and a million more in NAT sequences (`tests/src/fuzz/nat.rs`),
+//! reporting frames per second and any disagreement.
 
 use anyhow::Result;
 

@@ -56,7 +56,7 @@ enum Task {
     /// setup, build-ebpf, then run a million generated frames through the datapath
     /// programs and compare each result with the reference model, byte for byte.
     Fuzz {
-        /// Arguments passed on to weft-fuzz (--frames N, --seed S).
+        /// Arguments passed on to weft-fuzz (--frames N, --nat-frames M, --seed S).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
