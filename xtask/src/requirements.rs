@@ -157,6 +157,11 @@ pub const REQUIREMENTS: &[Requirement] = &[
     // Part of every Debian system; listed because the tests start them.
     program("sh", "dash", LAB),
     program("timeout", "coreutils", LAB),
+    program(
+        "sleep",
+        "coreutils",
+        "the agent's unit test of a firewall tool killed at its deadline",
+    ),
     program("cat", "coreutils", LAB),
     program("head", "coreutils", LAB),
     program("grep", "grep", LAB),
