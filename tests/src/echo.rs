@@ -392,26 +392,48 @@ impl QueryLoad {
 /// A DNS-like load from namespace `ns`: `rate` queries a second for `seconds`, each from a
 /// fresh socket (a new source port the kernel picks, so a new flow each), each answer
 /// awaited up to half a second on the socket that asked, as a stub resolver or a
-/// forwarding cache miss does. Bounded: at most `rate * seconds` queries.
+/// forwarding cache miss does. Queries go out on schedule whether or not earlier ones were
+/// answered. Bounded: at most `rate * seconds` queries, in `seconds` plus half a second.
 pub fn dns_like_load(ns: &str, dst: SocketAddrV4, rate: u32, seconds: u32) -> Result<QueryLoad> {
+    const ANSWER_WAIT: Duration = Duration::from_millis(500);
     in_netns(ns, move || {
         let total = u64::from(rate) * u64::from(seconds);
         let every = Duration::from_secs(1) / rate.max(1);
         let started = Instant::now();
         let mut load = QueryLoad::default();
-        while load.sent < total {
-            // Paced: query n goes out at n * every, not faster.
-            let due = every * load.sent as u32;
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                std::thread::sleep(wait);
+        let mut waiting: std::collections::VecDeque<(UdpSocket, Instant)> = Default::default();
+        let mut buf = [0u8; 256];
+        let mut sending_took = None;
+        while load.sent < total || !waiting.is_empty() {
+            while load.sent < total && every * load.sent as u32 <= started.elapsed() {
+                let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+                socket.connect(dst)?;
+                socket.set_nonblocking(true)?;
+                socket
+                    .send(b"query\n")
+                    .with_context(|| format!("sending to {dst}"))?;
+                load.sent += 1;
+                waiting.push_back((socket, Instant::now()));
+                if load.sent == total {
+                    sending_took = Some(started.elapsed());
+                }
             }
-            load.sent += 1;
-            if let Some(seen) = ask_once(0, dst, Duration::from_millis(500))? {
-                load.answered += 1;
-                load.seen.insert(*seen.ip());
-            }
+            waiting.retain(|(socket, asked)| match socket.recv(&mut buf) {
+                Ok(n) => {
+                    if let Ok(r) = reply(&buf[..n], socket.local_addr().expect("bound")) {
+                        load.answered += 1;
+                        load.seen.insert(*r.seen_by_server.ip());
+                    }
+                    false
+                }
+                Err(_) => asked.elapsed() < ANSWER_WAIT,
+            });
+            std::thread::sleep(Duration::from_micros(200));
         }
-        load.per_second = load.sent as f64 / started.elapsed().as_secs_f64();
+        // The rate the queries went out at: `sent` over the time to the last one, one
+        // interval counted for the first.
+        let took = sending_took.unwrap_or_else(|| started.elapsed()) + every;
+        load.per_second = load.sent as f64 / took.as_secs_f64();
         Ok(load)
     })
     .with_context(|| format!("in {ns}"))
