@@ -110,7 +110,6 @@ struct NatLab {
     /// The external host, as the harness's load functions address a server.
     external: Pod,
     conn_server: ConnServer,
-    _resolver: EchoServer,
 }
 
 impl NatLab {
@@ -140,17 +139,11 @@ impl NatLab {
             SocketAddrV4::new(EXTERNAL_HOST, CONN_PORT),
             4,
         )?;
-        let resolver = EchoServer::start(
-            lab.fabric_ns(),
-            SocketAddrV4::new(EXTERNAL_HOST, DNS_PORT),
-            Protocol::Udp,
-        )?;
         let nat_lab = NatLab {
             lab,
             client,
             external,
             conn_server,
-            _resolver: resolver,
         };
         nat_lab.check(masquerade)?;
         Ok(nat_lab)
@@ -260,6 +253,12 @@ pub fn run(
                         shown
                     }
                     Tool::Dns => {
+                        // Started per run: an echo server serves for five minutes.
+                        let _resolver = EchoServer::start(
+                            l.lab.fabric_ns(),
+                            SocketAddrV4::new(EXTERNAL_HOST, DNS_PORT),
+                            Protocol::Udp,
+                        )?;
                         let d = dns_like_load(
                             &l.client.ns,
                             SocketAddrV4::new(EXTERNAL_HOST, DNS_PORT),
