@@ -387,12 +387,16 @@ fn record_from_pod(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize) {
 /// packets redirected past the stack that translates them.
 #[inline(always)]
 fn record(ctx: &TcContext, ip: &Ipv4Hdr, l3_off: usize, pod: [u8; 4], remote: [u8; 4], by: u32) {
-    if maps::lease(remote).is_none() && !maps::is_peer(remote) {
-        return;
-    }
     let Some(key) = flow::key_of(ctx, ip, l3_off) else {
         return;
     };
+    // Most of the stack's packets belong to a connection already recorded: one lookup.
+    if flow::is_stack_flow(&key) {
+        return;
+    }
+    if maps::lease(remote).is_none() && !maps::is_peer(remote) {
+        return;
+    }
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     match maps::record_stack_flow(&key, by, now) {

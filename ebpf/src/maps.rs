@@ -397,12 +397,9 @@ pub enum Recorded {
     NoRoom,
 }
 
-/// Records `key` as a connection the stack carries.
+/// Records `key` as a connection the stack carries (the caller looked it up already).
 #[inline(always)]
 pub fn record_stack_flow(key: &FlowKey, recorded_by: u32, now_ns: u64) -> Recorded {
-    if stack_flow(key) {
-        return Recorded::Known;
-    }
     let entry = FlowEntry {
         recorded_by,
         _pad: 0,

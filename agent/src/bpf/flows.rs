@@ -90,8 +90,10 @@ pub fn keep(dir: &Path, now_ns: u64) -> Result<Kept> {
 
     let mut kept = Kept::default();
     let mut forgotten = Vec::new();
+    let mut recorded = 0u64;
     for item in flows.iter() {
         let (k, entry) = item.context("reading stack_flows")?;
+        recorded += 1;
         if entry.recorded_ns < now_ns && !known.contains(&k) {
             forgotten.push(k);
         }
@@ -112,7 +114,9 @@ pub fn keep(dir: &Path, now_ns: u64) -> Result<Kept> {
             continue;
         }
         // A recording that failed after conntrack was read may be missing from the dump.
-        if since.since_ns >= now_ns || !record_all(&mut flows, &dump, pod.pod_ip, now_ns)? {
+        let (complete, added) = record_all(&mut flows, &dump, pod.pod_ip, now_ns)?;
+        recorded += added;
+        if since.since_ns >= now_ns || !complete {
             kept.pods_on_stack += 1;
             continue;
         }
@@ -131,44 +135,46 @@ pub fn keep(dir: &Path, now_ns: u64) -> Result<Kept> {
         );
         kept.pods_released += 1;
     }
-    kept.entries = flows.keys().count() as u64;
+    // As of this pass: what the programs recorded meanwhile shows in the next.
+    kept.entries = recorded - kept.removed;
     Ok(kept)
 }
 
-/// Records every connection of `dump` that has `pod` at one end; false if the table has
-/// no room for all of them.
+/// Records every connection of `dump` that has `pod` at one end; whether all fit, and how
+/// many entries it added.
 fn record_all(
     flows: &mut BpfHashMap<MapData, FlowKey, FlowEntry>,
     dump: &[conntrack::Entry],
     pod: [u8; 4],
     now_ns: u64,
-) -> Result<bool> {
+) -> Result<(bool, u64)> {
     let pod = Ipv4Addr::from(pod);
     let entry = FlowEntry {
         recorded_by: RECORDED_BY_AGENT,
         _pad: 0,
         recorded_ns: now_ns,
     };
+    let mut added = 0;
     for e in dump {
         for t in [&e.original, &e.reply] {
             if t.src != pod && t.dst != pod {
                 continue;
             }
             match flows.insert(key(t), entry, BPF_NOEXIST) {
-                Ok(()) => {}
+                Ok(()) => added += 1,
                 Err(MapError::SyscallError(s))
                     if s.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) if super::dataplane::map_full(&e) => return Ok(false),
+                Err(e) if super::dataplane::map_full(&e) => return Ok((false, added)),
                 Err(MapError::SyscallError(s))
                     if s.io_error.raw_os_error() == Some(libc::ENOMEM) =>
                 {
-                    return Ok(false)
+                    return Ok((false, added))
                 }
                 Err(e) => return Err(e).context("recording a connection in stack_flows"),
             }
         }
     }
-    Ok(true)
+    Ok((true, added))
 }
 
 fn flow_table_full(dir: &Path) -> Result<u64> {
