@@ -21,11 +21,11 @@ const BPF_SYNC: Duration = Duration::from_secs(20);
 /// Node 1's `stack_flows` capacity in these tests.
 const TABLE: u16 = 64;
 
-fn lab(backend: Backend) -> Lab {
+fn lab(backend: Backend, dataplane: Dataplane) -> Lab {
     let mut config = LabConfig {
         nodes: 2,
         backend,
-        dataplane: Dataplane::Bpf,
+        dataplane,
         ..Default::default()
     };
     config.node_agent_args.insert(
@@ -45,8 +45,12 @@ fn lab(backend: Backend) -> Lab {
 /// evicted: its replies still meet the stack that un-DNATs them), the flooding pod's
 /// traffic takes the kernel path and crosses, and once conntrack has forgotten the burst
 /// the pod rides the fast path again.
-fn a_flood_of_new_flows_keeps_established_translated_connections(backend: Backend) {
-    let mut lab = lab(backend);
+fn a_flood_of_new_flows_keeps_established_translated_connections(
+    backend: Backend,
+    dataplane: Dataplane,
+) {
+    let bpf = dataplane == Dataplane::Bpf;
+    let mut lab = lab(backend, dataplane);
     // The burst's (and the pings') conntrack entries expire in seconds (default 30 s).
     for sysctl in [
         "net.netfilter.nf_conntrack_udp_timeout=2",
@@ -67,8 +71,10 @@ fn a_flood_of_new_flows_keeps_established_translated_connections(backend: Backen
     ]
     .map(|p| p.clone());
     lab.assert_all_pairs_ping(&pods, "the workload's pods", CONVERGENCE);
-    lab.wait_bpf_synced(1, BPF_SYNC)
-        .expect("node 1's BPF dataplane is complete");
+    if bpf {
+        lab.wait_bpf_synced(1, BPF_SYNC)
+            .expect("node 1's BPF dataplane is complete");
+    }
 
     let hold = |ns: &str, to: SocketAddrV4, what: &str| {
         let mut held = HeldConnection::open(ns, 0, to, Duration::from_secs(5))
@@ -106,7 +112,7 @@ fn a_flood_of_new_flows_keeps_established_translated_connections(backend: Backen
         }
     };
 
-    let before = lab.bpf_counters(1).unwrap();
+    let before = bpf.then(|| lab.bpf_counters(1).unwrap());
     let queries = 8 * TABLE;
     let answered = udp_queries(
         &flooder.ns,
@@ -116,6 +122,12 @@ fn a_flood_of_new_flows_keeps_established_translated_connections(backend: Backen
     .expect("the burst is sent");
     // Queries past the table's room are answered too: their pod took the kernel path.
     assert_eq!(answered, usize::from(queries), "queries answered");
+    let Some(before) = before else {
+        // The kernel path, side by side: the same connections are answered.
+        ask_all("after the flood");
+        assert!(lab.ping(&flooder, workload.web2.ip));
+        return;
+    };
     wait_until(
         "node 1's stack_flows to overflow",
         Duration::from_secs(10),
@@ -170,10 +182,19 @@ fn a_flood_of_new_flows_keeps_established_translated_connections(backend: Backen
 
 #[test]
 fn a_flood_of_new_flows_keeps_established_translated_connections_on_vxlan() {
-    a_flood_of_new_flows_keeps_established_translated_connections(Backend::Vxlan);
+    a_flood_of_new_flows_keeps_established_translated_connections(Backend::Vxlan, Dataplane::Bpf);
 }
 
 #[test]
 fn a_flood_of_new_flows_keeps_established_translated_connections_on_host_gw() {
-    a_flood_of_new_flows_keeps_established_translated_connections(Backend::HostGw);
+    a_flood_of_new_flows_keeps_established_translated_connections(Backend::HostGw, Dataplane::Bpf);
+}
+
+/// The same flood on the kernel path (flannel's), side by side.
+#[test]
+fn a_flood_of_new_flows_keeps_established_translated_connections_on_the_kernel_path() {
+    a_flood_of_new_flows_keeps_established_translated_connections(
+        Backend::Vxlan,
+        Dataplane::Kernel,
+    );
 }
