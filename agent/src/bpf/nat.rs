@@ -211,6 +211,12 @@ pub fn collect(dir: &Path, now_ns: u64) -> Result<Collected> {
     let mut reverse: NatMap = open(dir, MAP_NAT_REVERSE)?.try_into()?;
     let mut state: Array<MapData, NatState> = open(dir, MAP_NAT_STATE)?.try_into()?;
     let mut claims: BpfHashMap<MapData, NatClaim, u8> = open(dir, MAP_NAT_CLAIMS)?.try_into()?;
+    // The programs count each mapping they make into nat_state while this pass runs; those
+    // are added back when the count is written (a mapping made before the walk reached it
+    // is counted twice: a new flow then goes to the kernel's masquerade a little early,
+    // and the next pass corrects it). Written as counted, they were lost: one flow too
+    // many was marked for a full table.
+    let made_before = state.get(&0, 0)?.entries;
     let mut expired = Vec::new();
     let mut live_reverse = std::collections::HashSet::new();
     let mut entries = 0u64;
@@ -254,6 +260,8 @@ pub fn collect(dir: &Path, now_ns: u64) -> Result<Collected> {
     for (rkey, back) in &orphans {
         remove_claimed(&mut claims, &mut reverse, rkey, back);
     }
+    let made_during = state.get(&0, 0)?.entries.saturating_sub(made_before);
+    let entries = entries + made_during;
     state.set(0, NatState { entries }, 0)?;
     Ok(Collected { entries, removed })
 }
