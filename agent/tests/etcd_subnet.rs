@@ -792,8 +792,9 @@ async fn watch_from_a_compacted_revision_recovers_by_listing_again() {
     let mut client = etcd.client().await;
     let old_revision = revision(&mut client).await;
 
-    let peer_key = format!("{prefix}/subnets/10.244.9.0-24");
-    let gone_key = format!("{prefix}/subnets/10.244.10.0-24");
+    // Beyond the first 100 subnets, from which our own lease is picked at random.
+    let peer_key = format!("{prefix}/subnets/10.244.209.0-24");
+    let gone_key = format!("{prefix}/subnets/10.244.210.0-24");
     client
         .put(
             gone_key.as_str(),
@@ -816,7 +817,7 @@ async fn watch_from_a_compacted_revision_recovers_by_listing_again() {
         async move { mgr.watch_others(&own, Some(old_revision + 1), &tx).await }
     });
     let gone = Lease {
-        subnet: net("10.244.10.0/24"),
+        subnet: net("10.244.210.0/24"),
         attrs: attrs("198.18.0.14", "02:00:00:00:00:14"),
     };
     assert_eq!(
@@ -839,7 +840,7 @@ async fn watch_from_a_compacted_revision_recovers_by_listing_again() {
         async move { mgr.watch_others(&own, Some(old_revision + 1), &tx).await }
     });
     let latest = Lease {
-        subnet: net("10.244.9.0/24"),
+        subnet: net("10.244.209.0/24"),
         attrs: attrs("198.18.0.12", "02:00:00:00:01:05"),
     };
     assert_eq!(next(&mut rx).await, LeaseWatchEvent::Snapshot(vec![latest]));
@@ -848,7 +849,7 @@ async fn watch_from_a_compacted_revision_recovers_by_listing_again() {
     client.delete(peer_key.as_str(), None).await.unwrap();
     assert_eq!(
         next(&mut rx).await,
-        LeaseWatchEvent::Event(LeaseEvent::Removed(net("10.244.9.0/24")))
+        LeaseWatchEvent::Event(LeaseEvent::Removed(net("10.244.209.0/24")))
     );
     drop(rx);
     tokio::time::timeout(WAIT, watcher)
